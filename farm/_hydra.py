@@ -1,0 +1,140 @@
+"""Hydra plumbing shared by the entry points (launch, plan, submit). Nothing else imports Hydra.
+
+Config roots: a source checkout (or an editable install) reads ``conf/`` and ``topologies/`` from
+the repository's top level; an installed wheel carries them in ``farm/_bundled/``. Topologies are
+registered as the Hydra group ``topology`` in the ConfigStore at import, so ``+topology=NAME`` works
+from any working directory without a cwd-relative search path.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from farm.config import FarmConfig, from_container
+from farm.errors import FarmError, TopologyError
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _root(name: str) -> Path:
+    source = _PACKAGE.parent / name
+    if source.is_dir():
+        return source
+    return _PACKAGE / "_bundled" / name
+
+
+def conf_dir() -> Path:
+    return _root("conf")
+
+
+def topologies_dir() -> Path:
+    return _root("topologies")
+
+
+def launchers_dir() -> Path:
+    return _root("launchers")
+
+
+def available_topologies() -> list[str]:
+    return sorted(p.stem for p in topologies_dir().glob("*.yaml"))
+
+
+def _register_topologies() -> None:
+    store = ConfigStore.instance()
+    for path in sorted(topologies_dir().glob("*.yaml")):
+        try:
+            node = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            # Keep the name selectable so the user gets this message, not "not found".
+            node = {"_error": f"{path}: not valid YAML: {err}"}
+        if not isinstance(node, dict):
+            node = {"_error": f"{path}: expected a mapping of topology fields, got {type(node).__name__}"}
+        node.setdefault("name", path.stem)
+        node["_file"] = str(path)
+        store.store(group="topology", name=path.stem, node=OmegaConf.create(node))
+
+
+_register_topologies()
+
+
+def to_farm_config(cfg: DictConfig) -> tuple[FarmConfig, dict[str, Any]]:
+    """Resolve a composed DictConfig into the typed config plus the raw mapping (for CLI-only keys)."""
+    topology = cfg.get("topology")
+    if topology is not None and "_error" in topology:
+        raise TopologyError(str(topology["_error"]))
+    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(raw, dict)
+    if isinstance(raw.get("topology"), dict):
+        # The file a topology came from is for messages only; the farm itself does not carry it.
+        raw["topology_file"] = raw["topology"].pop("_file", None)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise FarmError(f"required field(s) not set: {', '.join(missing)}; give them on the command line")
+    return from_container(raw), raw
+
+
+def compose_from_argv(
+    argv: list[str], *, extra_groups: dict[str, dict[str, Any]] | None = None
+) -> tuple[FarmConfig, dict[str, Any]]:
+    """Compose conf/config.yaml with command-line overrides, without Hydra's run directory handling.
+
+    ``extra_groups`` adds CLI-only sections (e.g. ``{"plan": {"output": "table"}}``) so that overrides
+    such as ``plan.output=json`` are accepted.
+    """
+    from hydra import compose, initialize_config_dir
+
+    overrides = list(argv)
+    for name, defaults in (extra_groups or {}).items():
+        given = [o for o in overrides if o.startswith(f"{name}.")]
+        overrides = [o for o in overrides if not o.startswith(f"{name}.")]
+        overrides += [f"+{name}.{k}={v}" for k, v in defaults.items() if not _overridden(given, name, k)]
+        overrides += [f"+{o}" for o in given]
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return to_farm_config(cfg)
+
+
+def _overridden(given: list[str], name: str, key: str) -> bool:
+    return any(o.split("=", 1)[0] == f"{name}.{key}" for o in given)
+
+
+def run_cli(fn: Callable[[], int | None]) -> None:
+    """Run an entry point: FarmErrors become one clear message and an exit code, not a traceback."""
+    try:
+        code = fn()
+    except FarmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
+    """Wrap ``task(cfg)`` as a Hydra app whose FarmErrors print cleanly (--cfg, --info and -m work)."""
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+    def _app(cfg: DictConfig) -> None:
+        try:
+            code = task(cfg)
+        except FarmError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        if code:
+            sys.exit(code)
+
+    @functools.wraps(task)
+    def main() -> None:
+        _app()
+
+    return main

@@ -1,0 +1,338 @@
+"""Typed configuration: one small dataclass per component.
+
+Only the entry points (``farm.launch``, ``farm.plan``, ``farm.submit``) know Hydra. They compose the
+YAML in ``conf/`` and ``topologies/``, then call :func:`from_container` to turn the result into these
+dataclasses; every other module receives only the dataclass of its own component.
+Each field is documented where it is declared; ``docs/configuration.md`` is the user-facing view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only transformer (pre-norm, causal attention, MLP)."""
+
+    name: str = "gpt-tiny"
+    n_layers: int = 4
+    """Transformer blocks."""
+    d_model: int = 128
+    """Hidden size."""
+    n_heads: int = 4
+    """Attention heads; must divide d_model."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    d_ff: int = 512
+    """MLP inner size."""
+    mlp: str = "gelu"
+    """'gelu' (two matrices, GPT-2/3 style) or 'swiglu' (three matrices, Llama style)."""
+    vocab_size: int | None = None
+    """Vocabulary rows; None takes the tokenizer's size from the data manifest, rounded up to
+    ``vocab_multiple`` so tensor-parallel ranks get equal slices."""
+    vocab_multiple: int = 64
+    seq_len: int = 128
+    """Tokens per training sequence; must equal the data manifest's seq_len."""
+    tie_embeddings: bool = True
+    """Share the input embedding with the output head."""
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the tokenized shards live and how to make them."""
+
+    dir: str = "data/demo"
+    """Directory holding manifest.json and the Arrow shards (relative paths are from the cwd)."""
+    source: str = "demo"
+    """What `prepare` reads: 'demo' (the Python standard library's sources on this machine) or a
+    glob of .txt/.md/.py, .jsonl or .parquet files."""
+    text_field: str = "text"
+    """Field holding the text in JSONL or Parquet input."""
+    tokenizer: str | None = None
+    """An existing tokenizer.json to use; None trains a byte-level BPE on the corpus."""
+    vocab_size: int = 4096
+    """Vocabulary size of a tokenizer trained by `prepare`."""
+    seq_len: int = 128
+    """Tokens per packed sequence (each row stores seq_len + 1 tokens: inputs and shifted targets)."""
+    rows_per_shard: int = 4096
+    max_bytes: int = 24_000_000
+    """Stop reading the corpus after this many bytes of text (0: no limit)."""
+    prepare_if_missing: bool = True
+    """`farm.launch` prepares the data when `dir` has no manifest (used for the demo corpus)."""
+    prefetch: int = 4
+    """Micro-batches read ahead by the background thread of each worker."""
+    verify_checksums: bool = True
+    """Check every shard's sha256 against the manifest before training starts."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: fixed by config, independent of the layout (DESIGN.md invariant 2)."""
+
+    steps: int = 200
+    """Optimizer steps to train in total (a resumed run continues up to this number)."""
+    global_batch: int = 32
+    """Sequences per optimizer step, whatever the DP degree."""
+    micro_batch: int = 4
+    """Sequences per forward/backward on one data-parallel rank."""
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    lr_decay_steps: int | None = None
+    """Length of the cosine decay; None uses train.steps. Set it when you plan to extend a run with a
+    larger train.steps later, so the schedule of the steps already trained does not change."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    seed: int = 1234
+    """Seeds model init, dropout and the global sample order."""
+    precision: str = "auto"
+    """'fp32', 'bf16', 'fp16', or 'auto' (bf16 on accelerators, fp32 under CPU emulation)."""
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel degrees; 'auto' lets the planner choose."""
+
+    dp: int | str = "auto"
+    tp: int | str = 1
+    pp: int | str = 1
+    zero_stage: int | str = 1
+    """DeepSpeed ZeRO stage for data parallelism (0, 1, 2, 3 or 'auto')."""
+    micro_batch: int | str = "auto"
+    """Override of train.micro_batch chosen by the planner; 'auto' keeps train.micro_batch."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 50
+    """Save every N optimizer steps (and always at the end). 0 saves only at the end."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of M (0: none)."""
+    async_save: bool = True
+    """Snapshot to host memory, then write in the background while training goes on."""
+    resume: bool = True
+    """Resume from the newest valid checkpoint in the run directory."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (offline unless mode='online')."""
+    mode: str = "offline"
+    """W&B mode: 'offline', 'online' or 'disabled'."""
+    project: str = "farm"
+    entity: str | None = None
+    console: bool = True
+    """Live progress line on the terminal."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"
+    """Run directory: .hydra/, plan.json, metrics.jsonl, events.jsonl, checkpoints/, wandb/."""
+    name: str | None = None
+    """W&B run name; defaults to the run directory's name."""
+    ray_address: str | None = None
+    """Connect to this Ray cluster ('auto' or host:port); None starts a private one on 127.0.0.1."""
+    startup_timeout_s: float = 180.0
+    """Fail if the workers are not up (placement and process groups) within this time."""
+    step_timeout_s: float = 300.0
+    """Fail if one optimizer step takes longer than this (a hung collective)."""
+    stop_after_step: int | None = None
+    """Stop cleanly (with a checkpoint) after this step; used to test resume and preemption."""
+
+
+@dataclass(frozen=True)
+class FarmConfig:
+    """The composed root config. Only entry points hold it; components get their own part."""
+
+    topology: dict[str, Any]
+    """The farm description, validated by farm.topology.load_farm."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "checkpoint": CheckpointConfig,
+    "tracking": TrackingConfig,
+    "run": RunConfig,
+}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check one YAML value against a field's annotation; ints are accepted where floats are."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        errors = []
+        for option in options:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise ConfigError(f"{where}: expected {names}, got {value!r}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _section(cls: type, raw: Any, name: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
+        )
+    values = {key: _coerce(val, hints[key], f"{name}.{key}") for key, val in raw.items()}
+    return cls(**values)
+
+
+def from_container(raw: dict[str, Any]) -> FarmConfig:
+    """Build the typed config from a plain (resolved) mapping, as OmegaConf.to_container gives."""
+    if "topology" not in raw or not raw["topology"]:
+        raise ConfigError(
+            "topology: no farm given; add +topology=NAME (see topologies/ for the available farms)"
+        )
+    if not isinstance(raw["topology"], dict):
+        raise ConfigError(f"topology: expected a mapping, got {raw['topology']!r}")
+    sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    cfg = FarmConfig(topology=dict(raw["topology"]), **sections)
+    validate(cfg)
+    return cfg
+
+
+def _positive(value: int | float, where: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{where}: must be positive, got {value}")
+
+
+def validate(cfg: FarmConfig) -> None:
+    """Checks that need no other component: each names the field and says what to change."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    for name in ("n_layers", "d_model", "n_heads", "d_ff", "seq_len"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} must divide model.d_model={m.d_model}")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
+    if m.mlp not in ("gelu", "swiglu"):
+        raise ConfigError(f"model.mlp={m.mlp!r}: use gelu or swiglu")
+    if m.seq_len != cfg.data.seq_len:
+        raise ConfigError(
+            f"model.seq_len={m.seq_len} differs from data.seq_len={cfg.data.seq_len}; set both to the "
+            "same value (the shards are packed at data.seq_len)"
+        )
+    for name in ("steps", "global_batch", "micro_batch"):
+        _positive(getattr(t, name), f"train.{name}")
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}"
+        )
+    if t.warmup_steps < 0 or t.min_lr > t.lr:
+        raise ConfigError("train.warmup_steps must be >= 0 and train.min_lr <= train.lr")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16")
+    for name in ("dp", "tp", "pp", "zero_stage", "micro_batch"):
+        value = getattr(p, name)
+        if isinstance(value, str) and value != "auto":
+            raise ConfigError(f"parallel.{name}={value!r}: use a positive integer or 'auto'")
+        if isinstance(value, int) and name != "zero_stage" and value <= 0:
+            raise ConfigError(f"parallel.{name}={value}: must be a positive integer or 'auto'")
+    if isinstance(p.zero_stage, int) and p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: use 0, 1, 2, 3 or 'auto'")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.tracking.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"tracking.mode={cfg.tracking.mode!r}: use offline, online or disabled")
+
+
+# Fields that change the math of a run. A run directory remembers their hash; resuming with a
+# different value would silently mix two experiments, so it is refused (train.steps, parallel.*,
+# checkpoint.*, tracking.* and run.* may change between restarts).
+MATH_FIELDS: dict[str, tuple[str, ...]] = {
+    "model": tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "activation_checkpointing"),
+    "data": ("seq_len",),
+    "train": tuple(
+        f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("steps", "log_every", "precision")
+    ),
+}
+
+
+def math_view(cfg: FarmConfig) -> dict[str, Any]:
+    """The part of the config a run directory must keep constant across restarts."""
+    return {
+        section: {name: getattr(getattr(cfg, section), name) for name in names}
+        for section, names in MATH_FIELDS.items()
+    }
+
+
+def config_hash(view: dict[str, Any]) -> str:
+    blob = json.dumps(view, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_views(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields whose values differ, as 'model.d_model: 128 -> 256'."""
+    out = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                out.append(f"{section}.{name}: {a.get(name)!r} -> {b.get(name)!r}")
+    return out
