@@ -128,7 +128,7 @@ def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
         try:
             code = task(cfg)
         except FarmError as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"{'error: ' if err.exit_code else ''}{err}", file=sys.stderr)
             sys.exit(err.exit_code)
         if code:
             sys.exit(code)

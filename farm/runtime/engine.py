@@ -148,12 +148,31 @@ class TrainEngine:
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         return inner  # type: ignore[no-any-return]
 
+    def _link_zero_state(self) -> None:
+        """Make ZeRO's per-parameter views of the Adam moments valid for every param group.
+
+        DeepSpeed links those views once, after the first param group's first step, when torch has
+        not yet created the other groups' state; so they stay empty. Creating any missing state on
+        the flat fp32 partitions and linking again fixes that, and lets a fresh engine take a
+        checkpoint's moments before its first step.
+        """
+        zero = self.optimizer
+        inner = self._torch_optimizer()
+        for flat in zero.single_partition_of_fp32_groups:
+            if "exp_avg" not in inner.state[flat]:
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights and Adam moments by logical name. Collective: every rank must call it."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         out: dict[str, torch.Tensor] = {}
         plain = self.zero_stage == 0
+        if not plain:
+            self._link_zero_state()
         state = self._torch_optimizer().state
         for name, p in self._named():
             out[f"model/{name}"] = (p.detach() if plain else safe_get_full_fp32_param(p)).float().cpu()
@@ -172,6 +191,8 @@ class TrainEngine:
 
         plain = self.zero_stage == 0
         adam_step = int(read("optim/step").reshape(-1)[0])
+        if not plain:
+            self._link_zero_state()
         state = self._torch_optimizer().state
         with torch.no_grad():
             for name, p in self._named():

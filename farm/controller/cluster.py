@@ -1,0 +1,97 @@
+"""Getting a Ray cluster for a farm: connect to one, or start a private one on 127.0.0.1.
+
+Under CPU emulation (DESIGN.md invariant 4) every node of the topology becomes a Ray node carrying
+the farm's custom resources, so placement, node loss and re-planning run for real on one machine:
+a one-node farm is a plain local Ray instance; a multi-node farm is one raylet per node
+(``ray.cluster_utils.Cluster``). Ray's own console output is kept out of the user's terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.errors import StartupFailure
+from farm.topology import Farm
+
+_QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+@dataclass
+class RayHandle:
+    """The cluster a run uses; `close()` stops what this process started and nothing else."""
+
+    address: str | None
+    started: bool
+    cluster: Any = None
+    node_handles: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+
+
+def _init_kwargs() -> dict[str, Any]:
+    return {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "configure_logging": True,
+        "namespace": "farm",
+    }
+
+
+def connect(farm: Farm, *, address: str | None) -> RayHandle:
+    """Connect to ``address`` or start a private cluster shaped like ``farm``."""
+    import ray
+
+    os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
+    if ray.is_initialized():
+        return RayHandle(address=None, started=False)
+    if address is not None:
+        try:
+            ray.init(address=address, **_init_kwargs())
+        except (ConnectionError, RuntimeError) as err:
+            raise StartupFailure(
+                f"run.ray_address={address}: cannot connect to a Ray cluster there ({err}); start one with "
+                "`ray start --head` or leave run.ray_address unset to start a private one"
+            ) from err
+        return RayHandle(address=address, started=False)
+    if farm.emulate != "cpu" and len(farm.nodes) > 1:
+        raise StartupFailure(
+            f"topology {farm.name!r} has {len(farm.nodes)} real nodes: start Ray on them (see launchers/) and "
+            "pass run.ray_address=auto, or use a topology with emulate: cpu"
+        )
+    cpus = os.cpu_count() or 1
+    if len(farm.nodes) == 1:
+        ray.init(num_cpus=cpus, resources=farm.node_resources(farm.nodes[0]), _node_ip_address="127.0.0.1",
+                 **_init_kwargs())
+        return RayHandle(address=None, started=True)
+    return _start_emulated_cluster(farm, cpus=cpus)
+
+
+def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # The head carries no farm node, so losing any farm node never takes the cluster down.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1",
+                                                              "include_dashboard": False})
+    handles = {}
+    for node in farm.nodes:
+        handles[node.id] = cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node),
+                                            node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, **_init_kwargs())
+    return RayHandle(address=cluster.address, started=True, cluster=cluster, node_handles=handles)

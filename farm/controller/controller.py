@@ -1,0 +1,230 @@
+"""The controller: an explicit state machine in the driver, the only writer of run state.
+
+``Controller.run`` loops ``state = self._step(state)`` until a terminal state. Each state is a small
+frozen dataclass; side concerns (checkpoint, stop, logging) are one call each with their own gate.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from farm.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from farm.controller.policy import AbortPolicy, FailureContext, FailurePolicy
+from farm.controller.worker_group import WorkerFailed, WorkerGroup
+from farm.errors import FarmError, Preempted, WorkerFailure
+from farm.plan import Plan
+from farm.topology import Farm
+from farm.tracking import StepMetrics, Tracker
+
+
+@dataclass(frozen=True)
+class Starting:
+    resume_path: str | None
+    resume_step: int
+
+
+@dataclass(frozen=True)
+class Training:
+    step: int
+
+
+@dataclass(frozen=True)
+class Finishing:
+    step: int
+    reason: str
+    """'done', 'stop_after_step' or the name of the signal that asked the run to stop."""
+
+
+@dataclass(frozen=True)
+class Finished:
+    step: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    step: int
+    error: FarmError
+
+
+State = Starting | Training | Finishing | Finished | Failed
+
+
+@dataclass(frozen=True)
+class RunParts:
+    """Everything the controller needs, built by the launcher; each part is its own component's."""
+
+    farm: Farm
+    plan: Plan
+    model: ModelConfig
+    train: TrainConfig
+    data: DataConfig
+    checkpoint: CheckpointConfig
+    run: RunConfig
+    run_dir: Path
+    vocab_size: int
+    decay_steps: int
+    precision: str
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
+    """Static fields of every checkpoint manifest (config hash, tokenizer hash, data fingerprint)."""
+
+
+class Controller:
+    def __init__(self, parts: RunParts, *, tracker: Tracker, policy: FailurePolicy | None = None) -> None:
+        self.p = parts
+        self.tracker = tracker
+        self.policy = policy or AbortPolicy()
+        self.group: WorkerGroup | None = None
+        self.last_checkpoint: int | None = None
+        self.stop_signal: str | None = None
+        self.failures = 0
+
+    # -- gates ---------------------------------------------------------------------------------------
+
+    def should_checkpoint(self, step: int) -> bool:
+        every = self.p.checkpoint.every
+        return every > 0 and step % every == 0 and step < self.p.train.steps
+
+    def should_stop(self, step: int) -> str | None:
+        if step >= self.p.train.steps:
+            return "done"
+        if self.p.run.stop_after_step is not None and step >= self.p.run.stop_after_step:
+            return "stop_after_step"
+        return self.stop_signal
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def run(self, *, resume_path: str | None, resume_step: int) -> Finished:
+        self.last_checkpoint = resume_step if resume_path else None
+        state: State = Starting(resume_path, resume_step)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            while not isinstance(state, Finished | Failed):
+                state = self._step(state)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if self.group is not None:
+                self.group.shutdown(graceful=False)
+                self.group = None
+        if isinstance(state, Failed):
+            raise state.error
+        return state
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def _step(self, state: State) -> State:
+        try:
+            if isinstance(state, Starting):
+                return self._start(state)
+            if isinstance(state, Training):
+                return self._train(state)
+            if isinstance(state, Finishing):
+                return self._finish(state)
+        except WorkerFailed as err:
+            return self._on_failure(state, err)
+        raise AssertionError(f"no transition from {state}")
+
+    def _start(self, state: Starting) -> State:
+        p = self.p
+        self.group = WorkerGroup(farm=p.farm, plan=p.plan, run_dir=str(p.run_dir),
+                                 startup_timeout_s=p.run.startup_timeout_s)
+        port = self.group.call("pick_port", timeout=60, what="starting workers", ranks=[0], startup=True)[0]
+        master = self.group.infos[0]["ip"]
+        setups = self.group.call(
+            "setup", timeout=p.run.startup_timeout_s, what="setting up workers", startup=True,
+            master_addr=master, master_port=port, plan=p.plan.to_json(), model=p.model, train=p.train,
+            data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
+            resume=state.resume_path, resume_step=state.resume_step,
+        )
+        self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"],
+                           nodes=sorted({i["node_id"][:12] for i in self.group.infos}))
+        if state.resume_path:
+            self.tracker.event("resume", step=state.resume_step, checkpoint=state.resume_path)
+        return Training(step=state.resume_step)
+
+    def _train(self, state: Training) -> State:
+        reason = self.should_stop(state.step)
+        if reason is not None:
+            return Finishing(step=state.step, reason=reason)
+        assert self.group is not None
+        started = time.perf_counter()
+        reports = self.group.call("run_steps", 1, timeout=self.p.run.step_timeout_s,
+                                  what=f"step {state.step + 1}")
+        elapsed = time.perf_counter() - started
+        report = reports[0][-1]
+        self._log_step(report, elapsed)
+        self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status", ranks=[0])[0])
+        step = int(report["step"])
+        if self.should_checkpoint(step):
+            self._save(step)
+        return Training(step=step)
+
+    def _log_step(self, report: dict[str, Any], elapsed: float) -> None:
+        p = self.p
+        tokens = p.train.global_batch * p.model.seq_len
+        self.tracker.step(StepMetrics(
+            step=int(report["step"]), loss=float(report["loss"]), lr=float(report["lr"]), tokens=tokens,
+            samples=int(report["samples"]), step_time_s=elapsed, grad_norm=float(report["grad_norm"]),
+            tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+            layout={"dp": p.plan.dp, "tp": p.plan.tp, "pp": p.plan.pp},
+        ))
+
+    def _save(self, step: int) -> None:
+        assert self.group is not None
+        meta = dict(self.p.checkpoint_meta)
+        meta.update(
+            step=step,
+            data_cursor={"consumed": step * self.p.train.global_batch, "seed": self.p.train.seed},
+            rng={"scheme": "per-micro-batch seed from (train.seed, step, global micro-batch)",
+                 "seed": self.p.train.seed},
+            scheduler={"last_step": step, "decay_steps": self.p.decay_steps},
+            plan=self.p.plan.to_json(),
+        )
+        root = str(self.p.run_dir / "checkpoints")
+        self.group.call("save", timeout=self.p.run.step_timeout_s, what=f"checkpoint at step {step}",
+                        root=root, step=step, meta=meta, cfg=self.p.checkpoint)
+
+    def _note_commits(self, steps: list[int]) -> None:
+        for step in steps:
+            self.last_checkpoint = step
+            self.tracker.event("checkpoint", step=step,
+                               path=str(self.p.run_dir / "checkpoints" / f"step-{step:08d}"))
+
+    def _finish(self, state: Finishing) -> State:
+        assert self.group is not None
+        if self.last_checkpoint != state.step:
+            self._save(state.step)
+        self._note_commits(self.group.call("wait_save", timeout=self.p.run.step_timeout_s,
+                                           what="finishing the last checkpoint", ranks=[0])[0])
+        self.group.shutdown(graceful=True)
+        self.group = None
+        if state.reason not in ("done", "stop_after_step"):
+            self.tracker.event("preempt", step=state.step, signal=state.reason)
+        return Finished(step=state.step, reason=state.reason)
+
+    def _on_failure(self, state: State, err: WorkerFailed) -> State:
+        self.failures += 1
+        step = getattr(state, "step", getattr(state, "resume_step", 0))
+        fault = err.fault
+        self.tracker.event("failure", step=step, rank=fault.rank, node=fault.node, fault=fault.kind,
+                           detail=fault.detail)
+        decision = self.policy.decide(fault, FailureContext(step=step, last_checkpoint=self.last_checkpoint,
+                                                            failures=self.failures))
+        self.tracker.event("decision", step=step, decision=decision.kind, reason=decision.reason)
+        if self.group is not None:
+            self.group.shutdown(graceful=False)
+            self.group = None
+        return Failed(step=step, error=WorkerFailure(f"{err} at step {step + 1}. {decision.reason}"))
+
+
+def preempted_message(finished: Finished, last_checkpoint: int | None) -> Preempted:
+    return Preempted(
+        f"preempted by {finished.reason} at step {finished.step}; checkpoint step {last_checkpoint} written; "
+        "resubmit or requeue to continue"
+    )

@@ -1,0 +1,164 @@
+"""One Ray actor per device, placed by the plan: a placement group with one bundle per node.
+
+Every call to the group waits on all workers with a deadline and turns the first failure into a
+typed error naming the rank, its node and what it was doing, so a dead worker or a hung collective
+stops the run within seconds instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from farm.errors import FarmError, StartupFailure, StartupTimeout, WorkerFailure
+from farm.plan import Plan
+from farm.runtime.worker import Worker, WorkerSpec
+from farm.topology import AcceleratorSpec, Farm
+
+
+@dataclass(frozen=True)
+class WorkerFault:
+    """What went wrong with which worker; the controller's failure policy decides what to do."""
+
+    rank: int
+    node: str
+    kind: str
+    """'died' (process or node lost), 'error' (raised), or 'timeout' (no answer in time)."""
+    detail: str
+
+
+class WorkerFailed(WorkerFailure):
+    def __init__(self, message: str, fault: WorkerFault) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+def _bundle(spec: AcceleratorSpec, devices: int, node_resources: dict[str, float]) -> dict[str, float]:
+    bundle: dict[str, float] = {spec.ray_resource: float(devices)}
+    # Pin the bundle to its farm node: emulated nodes carry a resource naming them.
+    bundle.update({k: 0.001 for k in node_resources if k != spec.ray_resource})
+    return bundle
+
+
+def _actor_resources(spec: AcceleratorSpec) -> dict[str, Any]:
+    if spec.ray_resource == "GPU":
+        return {"num_cpus": 0, "num_gpus": 1}
+    if spec.ray_resource == "CPU":
+        return {"num_cpus": 1}
+    return {"num_cpus": 0, "resources": {spec.ray_resource: 1}}
+
+
+class WorkerGroup:
+    def __init__(self, *, farm: Farm, plan: Plan, run_dir: str, startup_timeout_s: float) -> None:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.plan = plan
+        nodes = list(dict.fromkeys(r.node for r in plan.ranks))
+        by_id = {n.id: n for n in farm.nodes}
+        self.node_of = {r.rank: r.node for r in plan.ranks}
+        specs = {n: farm.accelerator(by_id[n].pool) for n in nodes}
+        bundles = [
+            _bundle(specs[n], sum(1 for r in plan.ranks if r.node == n),
+                    farm.node_resources(by_id[n]) if farm.emulate == "cpu" else {})
+            for n in nodes
+        ]
+        strategy = "PACK" if farm.emulate == "cpu" else "STRICT_SPREAD"
+        self.pg = placement_group(bundles, strategy=strategy, name=f"farm-{os.getpid()}")
+        ready, _ = ray.wait([self.pg.ready()], timeout=startup_timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(self.pg)
+            raise StartupTimeout(
+                f"the farm's devices were not available within run.startup_timeout_s={startup_timeout_s}: "
+                f"Ray could not place {bundles} (cluster resources: {ray.cluster_resources()}). Check that "
+                "the cluster has the nodes the topology describes"
+            )
+        world = plan.world_size
+        threads = max(1, (os.cpu_count() or 1) // world) if farm.emulate == "cpu" else 4
+        actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
+        self.actors = []
+        for r in sorted(plan.ranks, key=lambda r: r.rank):
+            spec = specs[r.node]
+            wspec = WorkerSpec(rank=r.rank, world_size=world, torch_device=spec.torch_device,
+                               backend=spec.backend, ds_accelerator=spec.ds_accelerator, run_dir=run_dir,
+                               threads=threads)
+            strategy_obj = PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=nodes.index(r.node))
+            env = {"DS_ACCELERATOR": spec.ds_accelerator, "OMP_NUM_THREADS": str(threads)}
+            self.actors.append(
+                actor_cls.options(scheduling_strategy=strategy_obj, runtime_env={"env_vars": env},
+                                  **_actor_resources(spec)).remote(wspec)
+            )
+        self.infos = self.call("info", timeout=startup_timeout_s, what="starting workers", startup=True)
+
+    def call(self, method: str, *args: Any, timeout: float, what: str, ranks: Sequence[int] | None = None,
+             startup: bool = False, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on the workers (all, or ``ranks``) and return their results in rank order."""
+        chosen = range(len(self.actors)) if ranks is None else ranks
+        refs = {getattr(self.actors[r], method).remote(*args, **kwargs): r for r in chosen}
+        return self._gather(refs, timeout=timeout, what=what, startup=startup)
+
+    def _gather(self, refs: dict[Any, int], *, timeout: float, what: str, startup: bool) -> list[Any]:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                late = sorted(refs[p] for p in pending)
+                fault = WorkerFault(rank=late[0], node=self.node_of[late[0]], kind="timeout",
+                                    detail=f"no answer within {timeout:.0f}s")
+                error = StartupTimeout if startup else WorkerFailed
+                raise self._error(error, f"{what}: rank(s) {late} gave no answer within {timeout:.0f}s "
+                                  "(a hung collective or a stalled node)", fault)
+            rank = refs[ready[0]]
+            node = self.node_of[rank]
+            try:
+                results[rank] = ray.get(ready[0])
+            except RayActorError as err:
+                fault = WorkerFault(rank=rank, node=node, kind="died", detail=_first_line(err))
+                raise self._error(StartupFailure if startup else WorkerFailed,
+                                  f"{what}: worker rank {rank} on node {node} died ({fault.detail})", fault) from None
+            except RayTaskError as err:
+                cause = err.cause
+                if isinstance(cause, FarmError):
+                    raise cause from None
+                fault = WorkerFault(rank=rank, node=node, kind="error", detail=f"{type(cause).__name__}: {cause}")
+                raise self._error(StartupFailure if startup else WorkerFailed,
+                                  f"{what}: worker rank {rank} on node {node} failed: {fault.detail} "
+                                  f"(full traceback in the run directory's logs/rank-{rank:05d}.log)", fault) from None
+            except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
+                continue
+        return [results[r] for r in sorted(results)]
+
+    @staticmethod
+    def _error(cls: type[FarmError], message: str, fault: WorkerFault) -> FarmError:
+        if issubclass(cls, WorkerFailed):
+            return WorkerFailed(message, fault)
+        return cls(message)
+
+    def shutdown(self, *, graceful: bool) -> None:
+        import ray
+
+        if graceful:
+            with contextlib.suppress(FarmError):
+                self.call("shutdown", timeout=120, what="shutting down")
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        ray.util.remove_placement_group(self.pg)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    for line in text:
+        if "died" in line.lower() or "lost" in line.lower() or "exit" in line.lower():
+            return line.strip()[:300]
+    return text[0][:300] if text else type(err).__name__

@@ -1,0 +1,187 @@
+"""One worker per device: process group, model shard, engine, data stream, steps, checkpoint parts.
+
+The class is plain Python; the controller's WorkerGroup wraps it as a Ray actor. Each public method
+is one call from the driver, so the driver always knows which step every worker is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from farm.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to start; the same for every rank but `rank`."""
+
+    rank: int
+    world_size: int
+    torch_device: str
+    backend: str
+    ds_accelerator: str
+    run_dir: str
+    threads: int
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _redirect_logs(run_dir: str, rank: int) -> None:
+    """Worker output goes to run_dir/logs/rank-N.log, not to the user's console."""
+    log_dir = Path(run_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stream = open(log_dir / f"rank-{rank:05d}.log", "a", buffering=1)  # noqa: SIM115 - lives with the process
+    os.dup2(stream.fileno(), 1)
+    os.dup2(stream.fileno(), 2)
+    sys.stdout = sys.stderr = stream
+    logging.basicConfig(stream=stream, level=logging.INFO, force=True)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        _redirect_logs(spec.run_dir, spec.rank)
+        os.environ["DS_ACCELERATOR"] = spec.ds_accelerator
+        torch.set_num_threads(spec.threads)
+        self.engine: Any = None
+        self.stream: Any = None
+        self._save_thread: threading.Thread | None = None
+        self._save_error: BaseException | None = None
+        self._committed: list[int] = []
+
+    def info(self) -> dict[str, Any]:
+        import ray
+
+        return {"rank": self.spec.rank, "pid": os.getpid(), "host": socket.gethostname(),
+                "ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id()}
+
+    def pick_port(self) -> int:
+        return free_port()
+
+    def setup(self, *, master_addr: str, master_port: int, plan: dict[str, Any], model: ModelConfig,
+              train: TrainConfig, data: DataConfig, vocab_size: int, decay_steps: int, precision: str,
+              resume: str | None, resume_step: int) -> dict[str, Any]:
+        """Join the process group, build the engine, load a checkpoint, open the data stream."""
+        from farm.data import ArrowShardSource, BatchLayout, GlobalOrder, MicroBatchStream, load_manifest
+        from farm.runtime.engine import TrainEngine
+
+        spec = self.spec
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(spec.rank),
+                          WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0")
+        dist.init_process_group(spec.backend, init_method=f"tcp://{master_addr}:{master_port}",
+                                rank=spec.rank, world_size=spec.world_size)
+        dp, dp_rank = int(plan["dp"]), spec.rank  # DP-only layouts until TP/PP groups come from the plan
+        self.engine = TrainEngine(
+            model=model, train=train, vocab_size=vocab_size, dp=dp, dp_rank=dp_rank,
+            micro_batch=int(plan["micro_batch"]), grad_accum=int(plan["grad_accum"]),
+            zero_stage=int(plan["zero_stage"]), precision=precision, decay_steps=decay_steps,
+            device=torch.device(spec.torch_device),
+        )
+        if resume is not None:
+            self._load(resume, resume_step)
+        manifest = load_manifest(data.dir, verify=False)
+        self.stream = MicroBatchStream(
+            ArrowShardSource(data.dir, manifest),
+            GlobalOrder(manifest.total_rows, train.seed, manifest.fingerprint),
+            BatchLayout(global_batch=train.global_batch, micro_batch=int(plan["micro_batch"]),
+                        dp_size=dp, dp_rank=dp_rank),
+            start_step=self.engine.step, prefetch=data.prefetch,
+        )
+        self._iter = iter(self.stream)
+        return {"rank": spec.rank, "step": self.engine.step, "params": self.engine.module.num_params()}
+
+    def _load(self, path: str, step: int) -> None:
+        from farm.checkpoint import CheckpointStore
+
+        info = CheckpointStore.open_path(Path(path))
+        reader = info.reader()
+        self.engine.import_state(reader.read, step=step)
+
+    def run_steps(self, n: int) -> list[dict[str, Any]]:
+        """Train n optimizer steps; returns one report per step."""
+        self._raise_save_error()
+        reports = []
+        for _ in range(n):
+            result = self.engine.train_step(self._iter)
+            reports.append(asdict(result))
+        return reports
+
+    # -- checkpoints --------------------------------------------------------------------------------
+
+    def save(self, *, root: str, step: int, meta: dict[str, Any], cfg: CheckpointConfig) -> None:
+        """Gather full tensors (collective), then rank 0 writes and commits, in the background if async.
+
+        At most one save is in flight: a new one first waits for the previous, never overlaps it.
+        """
+        self.wait_save()
+        tensors = self.engine.export_state()
+        if self.spec.rank != 0:
+            return
+
+        def write() -> None:
+            from farm.checkpoint import CheckpointStore, SliceEntry
+
+            store = CheckpointStore(Path(root), keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+            store.begin(step)
+            entries = {name: SliceEntry.full(t) for name, t in tensors.items()}
+            store.write_part(step, "rank-00000", entries)
+            store.commit(step, meta)
+            self._committed.append(step)
+
+        if cfg.async_save:
+            self._save_thread = threading.Thread(target=self._guard(write), name=f"ckpt-{step}", daemon=True)
+            self._save_thread.start()
+        else:
+            self._guard(write)()
+            self._raise_save_error()
+
+    def _guard(self, fn: Any) -> Any:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as err:  # surfaced to the driver on the next call
+                self._save_error = err
+
+        return run
+
+    def _raise_save_error(self) -> None:
+        if self._save_error is not None:
+            err, self._save_error = self._save_error, None
+            raise err
+
+    def wait_save(self) -> list[int]:
+        """Block until the background save is done; returns the steps committed since the last call."""
+        if self._save_thread is not None:
+            self._save_thread.join()
+            self._save_thread = None
+        self._raise_save_error()
+        done, self._committed = self._committed, []
+        return done
+
+    def committed(self) -> list[int]:
+        """Steps committed since the last call, without waiting."""
+        if self._save_thread is not None and not self._save_thread.is_alive():
+            return self.wait_save()
+        done, self._committed = self._committed, []
+        return done
+
+    def shutdown(self) -> None:
+        self.wait_save()
+        if self.stream is not None:
+            self.stream.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
