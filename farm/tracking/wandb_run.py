@@ -99,6 +99,8 @@ class WandbRun:
                 name=run_name,
                 resume="allow",
                 config=config,
+                # train.steps, parallel.* and tracking.* may change between restarts of one run.
+                allow_val_change=True,
                 settings=wandb.Settings(silent=True, console="off"),
             )
         except Exception as err:

@@ -51,6 +51,16 @@ def attempt(run_dir: Path, *, start: int, stop: int, out: io.StringIO) -> Tracke
     return t
 
 
+def written(path: Path, keys: tuple[bytes, ...], timeout_s: float = 20.0) -> bool:
+    """Whether all keys reach the run file; W&B's service process may flush it after finish() returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        data = path.read_bytes() if path.exists() else b""
+        if all(key in data for key in keys) or time.monotonic() > deadline:
+            return all(key in data for key in keys)
+        time.sleep(0.1)
+
+
 @pytest.mark.usefixtures("wandb_home")
 def test_restarts_log_to_the_same_offline_run(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
@@ -60,9 +70,8 @@ def test_restarts_log_to_the_same_offline_run(tmp_path: Path, capfd: pytest.Capt
     assert first.wandb is not None and first.wandb.id == run_id
     folders = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert [f.name.endswith(f"-{run_id}") for f in folders] == [True]
-    history = (folders[0] / f"run-{run_id}.wandb").read_bytes()
-    for key in (b"loss", b"tokens_per_s", b"layout/dp", b"events/failure", b"farm-tests"):
-        assert key in history
+    keys = (b"loss", b"tokens_per_s", b"layout/dp", b"events/failure", b"farm-tests")
+    assert written(folders[0] / f"run-{run_id}.wandb", keys)
 
     # W&B names offline folders by the second they start; a real requeue is never this quick.
     time.sleep(1.1)
