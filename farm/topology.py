@@ -293,8 +293,19 @@ class _Reader:
 def load_farm(raw: Mapping[str, Any], *, source: str = "topology") -> Farm:
     """Validate a topology mapping (the ``topology:`` node Hydra composed) into a :class:`Farm`.
 
-    Raises TopologyError whose message starts with the dotted YAML path of the bad field.
+    Raises TopologyError whose message starts with the dotted YAML path of the bad field
+    (``topology.pools[1].accelerator.kind: ...``). ``source`` is the root of that path, or the file
+    the mapping came from (``*.yaml``), which the message then names at its end.
     """
+    if source.endswith((".yaml", ".yml")):
+        try:
+            return _load(raw, "topology")
+        except TopologyError as err:
+            raise TopologyError(f"{err} (in {source})") from None
+    return _load(raw, source)
+
+
+def _load(raw: Mapping[str, Any], source: str) -> Farm:
     top = _Reader(raw, source, ("name", "description", "emulate", "fabric", "pools"))
     name = top.text("name")
     emulate = top.choice("emulate", EMULATE, None)
@@ -307,7 +318,7 @@ def load_farm(raw: Mapping[str, Any], *, source: str = "topology") -> Farm:
         raise TopologyError(
             f"{top.where('pools')}: expected a non-empty list of node pools, got {raw_pools!r}"
         )
-    pools = tuple(_pool(item, f"{top.where('pools')}[{i}]", emulate) for i, item in enumerate(raw_pools))
+    pools = tuple(_pool(item, f"{top.where('pools')}[{i}]") for i, item in enumerate(raw_pools))
     names = [p.name for p in pools]
     for i, pool_name in enumerate(names):
         if names.index(pool_name) != i:
@@ -334,7 +345,7 @@ _POOL_FIELDS = (
 )  # fmt: skip
 
 
-def _pool(raw: Any, path: str, emulate: str | None) -> NodePool:
+def _pool(raw: Any, path: str) -> NodePool:
     r = _Reader(raw, path, _POOL_FIELDS)
     name = r.text("name")
     if not name.replace("-", "").replace("_", "").isalnum():
