@@ -98,7 +98,7 @@ def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -
         parts = RunParts(
             farm=farm, plan=plan, model=cfg.model, train=cfg.train, data=cfg.data, checkpoint=cfg.checkpoint,
             run=cfg.run, run_dir=run_dir, vocab_size=vocab, decay_steps=identity.decay_steps, precision=precision,
-            checkpoint_meta={"config_hash": identity.config_hash, "tokenizer_sha256": manifest.tokenizer_sha256,
+            checkpoint_meta={"config_hash": identity.config_hash, "tokenizer_hash": manifest.tokenizer_sha256,
                              "data_fingerprint": manifest.fingerprint},
         )
         handle = connect(farm, address=cfg.run.ray_address)

@@ -143,7 +143,8 @@ class Controller:
             resume=state.resume_path, resume_step=state.resume_step,
         )
         self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"],
-                           nodes=sorted({i["node_id"][:12] for i in self.group.infos}))
+                           pids=[i["pid"] for i in self.group.infos],
+                           nodes=[p.plan.ranks[i].node for i in range(len(setups))])
         if state.resume_path:
             self.tracker.event("resume", step=state.resume_step, checkpoint=state.resume_path)
         return Training(step=state.resume_step)
