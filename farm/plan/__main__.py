@@ -1,0 +1,53 @@
+"""``python -m farm.plan +topology=NAME model=NAME [plan.output=table|json] [plan.top=N]``
+
+Prints the chosen layout and the next best few, with the memory breakdown per device and the
+estimated step time and MFU, without starting anything. Impossible requests exit with status 2 and
+a message that names the smallest change that would fit.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from farm.errors import ConfigError
+from farm.plan.render import print_table, to_json
+from farm.plan.search import search
+from farm.plan.shape import ModelShape
+
+CLI_DEFAULTS: dict[str, Any] = {"output": "table", "top": 5}
+
+
+def run(argv: list[str]) -> int:
+    from rich.console import Console
+
+    from farm._hydra import compose_from_argv
+    from farm.topology import load_farm
+
+    cfg, raw = compose_from_argv(argv, extra_groups={"plan": CLI_DEFAULTS})
+    options = raw.get("plan") or {}
+    output, top = options.get("output", "table"), options.get("top", 5)
+    if output not in ("table", "json"):
+        raise ConfigError(f"plan.output={output!r}: use table or json")
+    if not isinstance(top, int) or top < 1:
+        raise ConfigError(f"plan.top={top!r}: use a positive integer")
+    farm = load_farm(cfg.topology, source=raw.get("topology_file") or "topology")
+    plans = search(model=cfg.model, train=cfg.train, parallel=cfg.parallel, farm=farm, top_k=top)
+    if output == "json":
+        json.dump(to_json(plans), sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    params = ModelShape.from_config(cfg.model).num_params
+    print_table(plans, farm=farm, model_name=cfg.model.name, params=params, console=Console(width=160))
+    return 0
+
+
+def main() -> None:
+    from farm._hydra import run_cli
+
+    run_cli(lambda: run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
