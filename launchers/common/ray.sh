@@ -1,0 +1,89 @@
+# --- Ray bring-up shared by the Slurm and PBS jobs (launchers/common/ray.sh) -------------------------
+# Needs: FARM_PYTHON, FARM_JOB_ID, FARM_JOB_DIR, FARM_NODE_IP, FARM_NODE_RESOURCES (one JSON per node
+# index), FARM_NODES, FARM_CLUSTER_TIMEOUT_S, FARM_RAY_TMP.
+
+farm_log() { echo "farm[$(date +%H:%M:%S)]: $*"; }
+
+farm_ip() {
+  if [ -n "$FARM_NODE_IP" ]; then echo "$FARM_NODE_IP"; else hostname --ip-address | awk '{print $1}'; fi
+}
+
+# Run one Ray node in the foreground until it is stopped. `--block` keeps the raylet and its workers
+# children of this process, so the queue's step owns them and stopping this process stops them all
+# (no `ray stop`, which would stop every Ray on the host, other jobs' too).
+# Every node takes its own block of ports, chosen from the job id and checked free on this host, so
+# two jobs sharing a node do not collide.
+farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself
+  local index=$1 head=${2:-} ip base resources
+  ip=$(farm_ip)
+  base=$("$FARM_PYTHON" -m farm.queue.bringup ports --seed "$FARM_JOB_ID-$index") || return 1
+  resources=${FARM_NODE_RESOURCES[$index]:-'{}'}
+  local args=(--block --node-ip-address="$ip"
+    --node-manager-port=$((base + 1)) --object-manager-port=$((base + 2))
+    --dashboard-agent-grpc-port=$((base + 3)) --dashboard-agent-listen-port=$((base + 4))
+    --metrics-export-port=$((base + 5)) --runtime-env-agent-port=$((base + 6))
+    --min-worker-port=$((base + 10)) --max-worker-port=$((base + FARM_PORT_BLOCK - 1)))
+  [ "$resources" != '{}' ] && args+=(--resources="$resources")
+  if [ -z "$head" ]; then
+    args+=(--head --port="$base" --ray-client-server-port=$((base + 7)) --dashboard-port=$((base + 8))
+      --include-dashboard=false --temp-dir="$FARM_RAY_TMP")
+    echo "$ip:$base" > "$FARM_JOB_DIR/head-$FARM_JOB_ID"
+  else
+    args+=(--address="$head")
+  fi
+  exec "$FARM_PYTHON" -m ray.scripts.scripts start "${args[@]}" \
+    > "$FARM_JOB_DIR/ray-$FARM_JOB_ID-node$index.log" 2>&1
+}
+
+# Start the head (node 0) on this host in the background; sets FARM_HEAD_PID and FARM_RAY_ADDRESS.
+farm_start_head() {
+  rm -f "$FARM_JOB_DIR/head-$FARM_JOB_ID"
+  farm_ray_node 0 &
+  FARM_HEAD_PID=$!
+  local waited=0
+  until [ -s "$FARM_JOB_DIR/head-$FARM_JOB_ID" ]; do
+    if ! kill -0 "$FARM_HEAD_PID" 2>/dev/null || [ "$waited" -ge 60 ]; then
+      farm_log "error: the Ray head did not start; see $FARM_JOB_DIR/ray-$FARM_JOB_ID-node0.log" >&2
+      return 1
+    fi
+    sleep 0.5; waited=$((waited + 1))
+  done
+  FARM_RAY_ADDRESS=$(cat "$FARM_JOB_DIR/head-$FARM_JOB_ID")
+  export FARM_RAY_ADDRESS
+  farm_log "Ray head on $FARM_RAY_ADDRESS (log: $FARM_JOB_DIR/ray-$FARM_JOB_ID-node0.log)"
+}
+
+farm_wait_cluster() {
+  "$FARM_PYTHON" -m farm.queue.bringup wait --address "$FARM_RAY_ADDRESS" --nodes "$FARM_NODES" \
+    --timeout "$FARM_CLUSTER_TIMEOUT_S" --log-dir "$FARM_JOB_DIR"
+}
+
+# The driver runs in the background so that this shell can take signals while it trains: bash runs
+# a trap only between commands, and `wait` is the one command a trap interrupts.
+farm_run_driver() {
+  "$FARM_PYTHON" -m farm.launch "${FARM_LAUNCH[@]}" "run.ray_address=$FARM_RAY_ADDRESS" &
+  FARM_DRIVER_PID=$!
+  while kill -0 "$FARM_DRIVER_PID" 2>/dev/null; do wait "$FARM_DRIVER_PID"; done
+  wait "$FARM_DRIVER_PID"
+}
+
+# SIGUSR1 (time limit near, or `scancel -b -s USR1`): checkpoint, stop, requeue.
+# SIGTERM (`scancel -b`, preemption): checkpoint and stop; a requeue is the scheduler's call.
+farm_on_signal() {
+  FARM_SIGNAL=$1
+  farm_log "got SIG$1; asking farm to checkpoint and stop"
+  if [ -n "${FARM_DRIVER_PID:-}" ]; then kill -"$1" "$FARM_DRIVER_PID" 2>/dev/null; fi
+}
+
+farm_stop_ray() {
+  local pid
+  for pid in ${FARM_WORKER_PIDS:-} ${FARM_HEAD_PID:-}; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in ${FARM_WORKER_PIDS:-} ${FARM_HEAD_PID:-}; do wait "$pid" 2>/dev/null; done
+  FARM_WORKER_PIDS="" FARM_HEAD_PID=""
+  rm -rf "$FARM_RAY_TMP" "$FARM_JOB_DIR/head-$FARM_JOB_ID"
+}
+
+# Whether the run stopped early on a signal (and so should continue), from its events.jsonl.
+farm_preempted() {
+  [ "$("$FARM_PYTHON" -m farm.queue.bringup status --run-dir "$FARM_RUN_DIR")" = preempted ]
+}
