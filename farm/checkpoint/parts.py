@@ -207,7 +207,9 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except OSError:
+    except OSError as err:
         tmp.unlink(missing_ok=True)
+        if err.filename is None:  # os.write does not say which file; the message should
+            err.filename = str(path)
         raise
     fsync_dir(path.parent)

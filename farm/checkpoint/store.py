@@ -201,6 +201,8 @@ class CheckpointStore:
             write_file_atomic(tmp / f"{part}{_DONE}", json.dumps(done).encode())
         except OSError as err:
             self.abort(step)
+            if err.filename is None:  # os.write does not say which file; the message should
+                err.filename = name
             raise CheckpointError(self._failure(step, err)) from err
 
     def commit(

@@ -302,7 +302,7 @@ def test_full_disk_while_writing_a_part(tmp_path: Path, monkeypatch: pytest.Monk
         store.write_part(20, "rank-00000", {"w": SliceEntry.full(torch.ones(1024))})
     message = str(err.value)
     assert message.startswith(
-        f"saving checkpoint step 20 to {tmp_path / 'step-00000020'} failed: No space left on device"
+        f"saving checkpoint step 20 to {tmp_path / 'step-00000020'} failed: No space left on device (rank-00000.safetensors)"
     )
     assert message.endswith("training can go on from step-00000010")
     monkeypatch.undo()
@@ -318,7 +318,8 @@ def test_full_disk_while_committing(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     store.write_part(20, "rank-00000", {"w": SliceEntry.full(torch.ones(1024))})
     monkeypatch.setattr(os, "write", DiskQuota(free=100))  # the parts fit, the manifest does not
     with pytest.raises(
-        CheckpointError, match=r"No space left on device.*training can go on from step-00000010"
+        CheckpointError,
+        match=r"No space left on device \(manifest.json\).*training can go on from step-00000010",
     ):
         store.commit(20, {"data_cursor": 80})
     monkeypatch.undo()
