@@ -6,9 +6,9 @@ so nothing before step k is read, and the cursor a checkpoint stores is ``consum
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,17 +17,19 @@ import numpy as np
 from farm.data.sampler import BatchLayout, GlobalOrder
 from farm.errors import ConfigError
 
-# Rows the producer gathers at once: one vectorised gather per chunk of steps instead of one per
-# micro-batch; the buffer still holds at most `prefetch` micro-batches.
-CHUNK_ROWS = 1024
+# The background thread reads ahead in parcels of about this many tokens: one vectorised gather and
+# one thread hand-over per parcel, where per micro-batch they would cost more than the rows.
+PARCEL_TOKENS = 1 << 18
 _POLL_S = 0.1
 
 
 class RowSource(Protocol):
+    row_len: int
+
     def take(self, global_rows: np.ndarray) -> np.ndarray: ...
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class MicroBatch:
     """Rows of one forward/backward pass: tokens[:, :-1] are inputs, tokens[:, 1:] targets."""
 
@@ -48,59 +50,14 @@ class _Failed:
     error: BaseException
 
 
-_Item = MicroBatch | _End | _Failed
-
-
-class _Buffer:
-    """A bounded FIFO whose producer is woken only when it has drained to half.
-
-    queue.Queue wakes the other thread once per item; at a few microseconds per micro-batch that
-    costs more than reading the rows, so hand-overs here happen once per half buffer.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: deque[_Item] = deque()
-        self._cond = threading.Condition()
-
-    def put_many(self, items: list[_Item], stop: threading.Event) -> bool:
-        """Append all of ``items`` as room frees up; False if ``stop`` is set first."""
-        start = 0
-        with self._cond:
-            while start < len(items):
-                room = self.capacity - len(self._items)
-                if stop.is_set():
-                    return False
-                if room <= 0:
-                    self._cond.wait(_POLL_S)
-                    continue
-                self._items.extend(items[start : start + room])
-                start += room
-                self._cond.notify_all()
-        return True
-
-    def get(self, alive: Callable[[], bool]) -> _Item:
-        """The oldest item, waiting for one while ``alive()``."""
-        with self._cond:
-            while not self._items:
-                if not alive():
-                    return _Failed(RuntimeError("the data prefetch thread stopped without a result"))
-                self._cond.wait(_POLL_S)
-            item = self._items.popleft()
-            if len(self._items) <= self.capacity // 2:
-                self._cond.notify_all()
-            return item
-
-    def clear(self) -> None:
-        with self._cond:
-            self._items.clear()
-            self._cond.notify_all()
+_Item = list[MicroBatch] | _End | _Failed
 
 
 class MicroBatchStream:
     """Yields MicroBatch(step, micro, ...) for step = start_step, ... and micro = 0..grad_accum-1.
 
-    ``prefetch`` micro-batches are read ahead by a daemon thread (0: read in the caller's thread).
+    A daemon thread reads ahead at least ``prefetch`` micro-batches, in whole parcels of about
+    ``parcel_tokens`` tokens (``prefetch=0``: no thread, parcels are read in the caller's thread).
     The stream is endless (epochs follow each other) unless ``end_step`` is given.
     """
 
@@ -113,6 +70,7 @@ class MicroBatchStream:
         start_step: int = 0,
         prefetch: int = 4,
         end_step: int | None = None,
+        parcel_tokens: int = PARCEL_TOKENS,
     ) -> None:
         if start_step < 0 or (end_step is not None and end_step < start_step):
             raise ValueError(f"need 0 <= start_step <= end_step, got {start_step}, {end_step}")
@@ -124,47 +82,57 @@ class MicroBatchStream:
         self.start_step = start_step
         self.end_step = end_step
         self.prefetch = prefetch
+        self.parcel_size = max(1, parcel_tokens // (layout.micro_batch * source.row_len))
+        """Micro-batches per parcel."""
         self._next_step = start_step  # first step not yet fully handed out
+        self._last_micro = layout.grad_accum - 1
+        self._parcel: list[MicroBatch] = []
+        self._pos = 0
+        self._final: _End | _Failed | None = None
         self._stop = threading.Event()
-        self._buffer = _Buffer(max(1, prefetch))
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=-(-max(1, prefetch) // self.parcel_size))
         self._thread: threading.Thread | None = None
         self._sync: Iterator[list[MicroBatch]] | None = None
-        self._pending: deque[MicroBatch] = deque()  # prefetch=0 only
-        self._error: BaseException | None = None
-        self._done = False
 
     # -- producer -------------------------------------------------------------------------------
 
-    def _chunks(self) -> Iterator[list[MicroBatch]]:
-        """Micro-batches of this rank, a chunk of steps at a time, from start_step on."""
+    def _parcels(self) -> Iterator[list[MicroBatch]]:
+        """This rank's micro-batches from start_step on, ``parcel_size`` at a time."""
         lay = self.layout
         accum, b = lay.grad_accum, lay.micro_batch
-        chunk_steps = max(1, CHUNK_ROWS // (accum * b))
-        micro_first = (np.arange(accum, dtype=np.int64) * lay.dp_size + lay.dp_rank) * b
-        step = self.start_step
-        while self.end_step is None or step < self.end_step:
-            n = chunk_steps if self.end_step is None else min(chunk_steps, self.end_step - step)
-            steps = np.arange(step, step + n, dtype=np.int64)
-            # (n, accum, b): the arithmetic of BatchLayout.positions for n steps at once.
-            positions = (steps[:, None] * lay.global_batch + micro_first)[:, :, None] + np.arange(b)
-            ids = self.order.at(positions.reshape(-1)).reshape(n, accum, b)
-            tokens = self.source.take(ids.reshape(-1)).reshape(n, accum, b, -1)
+        index = self.start_step * accum  # micro-batch ``index`` is (index // accum, index % accum)
+        stop = None if self.end_step is None else self.end_step * accum
+        while stop is None or index < stop:
+            count = self.parcel_size if stop is None else min(self.parcel_size, stop - index)
+            steps, micros = np.divmod(np.arange(index, index + count, dtype=np.int64), accum)
+            # BatchLayout.start for many micro-batches at once: global micro-batch micro*dp + rank.
+            first = steps * lay.global_batch + (micros * lay.dp_size + lay.dp_rank) * b
+            ids = self.order.at((first[:, None] + np.arange(b)).reshape(-1)).reshape(count, b)
+            tokens = self.source.take(ids.reshape(-1)).reshape(count, b, -1)
             yield [
-                MicroBatch(step=step + i, micro=a, tokens=tokens[i, a], sample_ids=ids[i, a])
-                for i in range(n)
-                for a in range(accum)
+                MicroBatch(step=s, micro=m, tokens=tokens[i], sample_ids=ids[i])
+                for i, (s, m) in enumerate(zip(steps.tolist(), micros.tolist()))
             ]
-            step += n
+            index += count
 
     def _run(self) -> None:
         try:
-            for chunk in self._chunks():
-                if not self._buffer.put_many(list[_Item](chunk), self._stop):
+            for parcel in self._parcels():
+                if not self._put(parcel):
                     return
             last: _Item = _End()
         except BaseException as err:  # handed to the consumer, who re-raises it
             last = _Failed(err)
-        self._buffer.put_many([last], self._stop)
+        self._put(last)
+
+    def _put(self, item: _Item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     # -- consumer -------------------------------------------------------------------------------
 
@@ -172,41 +140,45 @@ class MicroBatchStream:
         return self
 
     def __next__(self) -> MicroBatch:
-        if self._error is not None:
-            raise self._error
-        if self._done or self._stop.is_set():
-            raise StopIteration
-        item = self._next_item()
+        while self._pos >= len(self._parcel):
+            self._next_parcel()
+        mb = self._parcel[self._pos]
+        self._pos += 1
+        if mb.micro == self._last_micro:
+            self._next_step = mb.step + 1
+        return mb
+
+    def _next_parcel(self) -> None:
+        """Replace the used-up parcel, or raise the end or error (again on every later call)."""
+        item = self._final if self._final is not None else self._fetch()
+        if isinstance(item, list):
+            self._parcel, self._pos = item, 0
+            return
+        self._final = item
         if isinstance(item, _Failed):
-            self._error = item.error
             raise item.error
-        if isinstance(item, _End):
-            self._done = True
-            raise StopIteration
-        if item.micro == self.layout.grad_accum - 1:
-            self._next_step = item.step + 1
-        return item
+        raise StopIteration
 
-    def _next_item(self) -> _Item:
+    def _fetch(self) -> _Item:
         if self.prefetch == 0:
-            return self._next_sync()
-        thread = self._thread
-        if thread is None:
-            thread = self._thread = threading.Thread(target=self._run, name="farm-data-prefetch", daemon=True)
-            thread.start()
-        return self._buffer.get(thread.is_alive)
-
-    def _next_sync(self) -> _Item:
-        if not self._pending:
             if self._sync is None:
-                self._sync = self._chunks()
+                self._sync = self._parcels()
             try:
-                self._pending.extend(next(self._sync))
+                return next(self._sync)
             except StopIteration:
                 return _End()
             except Exception as err:
                 return _Failed(err)
-        return self._pending.popleft()
+        thread = self._thread
+        if thread is None:
+            thread = self._thread = threading.Thread(target=self._run, name="farm-data-prefetch", daemon=True)
+            thread.start()
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not thread.is_alive() and self._queue.empty():
+                    return _Failed(RuntimeError("the data prefetch thread stopped without a result"))
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -222,9 +194,15 @@ class MicroBatchStream:
     def close(self) -> None:
         """Stop the prefetch thread; iterating afterwards ends at once."""
         self._stop.set()
-        self._buffer.clear()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._parcel, self._pos = [], 0
+        if self._final is None:
+            self._final = _End()
+        thread = self._thread
+        while thread is not None and thread.is_alive():
+            try:
+                self._queue.get_nowait()  # a producer blocked on a full queue sees the stop sooner
+            except queue.Empty:
+                thread.join(timeout=_POLL_S)
 
     def __enter__(self) -> MicroBatchStream:
         return self

@@ -21,6 +21,7 @@ from farm.data import (
     prepare,
 )
 from farm.data.sampler import DataCursor
+from farm.data.stream import PARCEL_TOKENS
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +50,9 @@ def _order(source: ArrowShardSource, seed: int = 1234) -> GlobalOrder:
 def _stream(
     source: ArrowShardSource, *, dp: int = 1, rank: int = 0, b: int = 2, **kw: int
 ) -> MicroBatchStream:
+    """A stream with parcels of 3 micro-batches unless told otherwise: tests cross many parcels."""
     layout = BatchLayout(global_batch=G, micro_batch=b, dp_size=dp, dp_rank=rank)
+    kw.setdefault("parcel_tokens", 3 * b * source.row_len)
     return MicroBatchStream(source, _order(source), layout, **kw)
 
 
@@ -67,6 +70,18 @@ def test_yields_steps_and_micro_batches_in_order(source: ArrowShardSource) -> No
         assert mb.tokens.dtype == np.int64 and mb.tokens.shape == (2, source.row_len)
         np.testing.assert_array_equal(mb.sample_ids, order.at(layout.positions(mb.step, mb.micro)))
         np.testing.assert_array_equal(mb.tokens, source.take(mb.sample_ids))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_parcel_size_does_not_change_the_stream(source: ArrowShardSource, prefetch: int) -> None:
+    small = _collect(_stream(source, dp=2, rank=1, end_step=40, prefetch=prefetch))
+    whole = _collect(
+        _stream(source, dp=2, rank=1, end_step=40, prefetch=prefetch, parcel_tokens=PARCEL_TOKENS)
+    )
+    assert len(small) == len(whole) == 40 * 4
+    for a, b in zip(small, whole):
+        assert (a.step, a.micro) == (b.step, b.micro)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
 
 
 @pytest.mark.parametrize("b", [1, 2, 4])
@@ -126,16 +141,23 @@ def test_epochs_cover_every_row_once(source: ArrowShardSource) -> None:
 
 
 def test_prefetch_is_bounded_and_close_stops_the_thread(source: ArrowShardSource) -> None:
-    stream = _stream(source, prefetch=5)
+    assert _stream(source, b=1, parcel_tokens=PARCEL_TOKENS).parcel_size == PARCEL_TOKENS // source.row_len
+    stream = _stream(source, prefetch=5, b=1, parcel_tokens=50 * source.row_len)
     next(stream)
-    time.sleep(0.2)  # let the producer fill its buffer
-    assert 0 < len(stream._buffer._items) <= 5
+    deadline = time.monotonic() + 5
+    while stream._queue.qsize() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # a producer that ignored the bound would have queued more by now
+    assert stream._queue.maxsize == 1 and stream._queue.qsize() == 1  # 5 micro-batches: one parcel of 50
     thread = stream._thread
     assert thread is not None and thread.daemon and thread.is_alive()
     stream.close()
     assert not thread.is_alive()
     with pytest.raises(StopIteration):
         next(stream)
+    big = _stream(source, prefetch=10, b=1)
+    assert big.parcel_size == 3 and big._queue.maxsize == 4
+    big.close()
 
 
 def test_errors_in_the_thread_reach_the_consumer(source: ArrowShardSource) -> None:
