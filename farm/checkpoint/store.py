@@ -289,13 +289,22 @@ class CheckpointStore:
             done_doc = parse_json((tmp / f"{part}{_DONE}").read_bytes(), what=f"{part}{_DONE}")
             name = part + PART_SUFFIX
             entries = read_part_header(tmp / name)  # also checks the size against the header
-            size, digest = done_doc.get("size"), done_doc.get("sha256")
+            size, digest = (
+                (done_doc.get(k) for k in ("size", "sha256")) if isinstance(done_doc, dict) else (0, 0)
+            )
             if (tmp / name).stat().st_size != size or not isinstance(digest, str):
                 raise CheckpointError(f"{name}: its size changed after it was written")
             records[name] = (FileRecord(size, digest), entries)
-        for stale in sorted(done - set(chosen)):  # parts of an earlier attempt, not expected now
-            (tmp / f"{stale}{PART_SUFFIX}").unlink(missing_ok=True)
-            (tmp / f"{stale}{_DONE}").unlink(missing_ok=True)
+        # Whatever else is here (parts not expected now, a crashed attempt's partial files) must not
+        # travel into the committed directory.
+        keep = {*records, *(f"{part}{_DONE}" for part in chosen)}
+        for entry in tmp.iterdir():
+            if entry.name in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
         return records
 
     def _publish(self, tmp: Path, final: Path) -> None:

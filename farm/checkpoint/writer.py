@@ -27,6 +27,10 @@ class AsyncCheckpointWriter:
     part: this rank's tensor file stem. expect_parts: on the coordinator, every rank's part name;
     its commit waits up to commit_timeout_s for them, so no barrier between ranks is needed.
     nonce: identical on every rank of one attempt (see CheckpointStore.begin).
+
+    Call close() (or wait()) before the process exits: the background thread is a daemon, so a
+    dying worker is never held up by a commit waiting for ranks that are gone; an interrupted save
+    leaves the previous checkpoint in place.
     """
 
     def __init__(
@@ -68,7 +72,7 @@ class AsyncCheckpointWriter:
         meta = dict(meta_fn()) if meta_fn is not None else None
         self._result, self._error = None, None
         self._thread = threading.Thread(
-            target=self._run, args=(step, snapshot, meta), name=f"farm-checkpoint-{step}", daemon=False
+            target=self._run, args=(step, snapshot, meta), name=f"farm-checkpoint-{step}", daemon=True
         )
         self._thread.start()
 

@@ -386,3 +386,22 @@ def test_commit_waits_for_expected_parts(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"rank-00001 were not written within 0.05 s"):
         store.commit(1, {}, parts=["rank-00000", "rank-00001"], timeout_s=0.05)
     assert store.list() == []
+
+
+def test_commit_keeps_only_the_expected_parts(tmp_path: Path) -> None:
+    """A retry with the same nonce finds a crashed attempt's parts (4 ranks); only the 2 expected stay."""
+    w = torch.randn(8, 2)
+    store = CheckpointStore(tmp_path)
+    pending = store.begin(5)
+    for r, s in enumerate(split(torch.zeros(8, 2), dim=0, n=4)):
+        store.write_part(5, f"rank-{r:05d}", {"w": s})
+    (pending.path / "rank-00003.safetensors.partial").write_bytes(b"cut off")
+    for r, s in enumerate(split(w, dim=0, n=2)):
+        store.write_part(5, f"rank-{r:05d}", {"w": s})
+    info = store.commit(5, {}, parts=["rank-00000", "rank-00001"])
+    assert sorted(p.name for p in info.path.iterdir()) == [
+        "manifest.json",
+        "rank-00000.safetensors",
+        "rank-00001.safetensors",
+    ]
+    assert torch.equal(read_all(store)[1]["w"], w)
