@@ -90,7 +90,7 @@ class Manifest:
         return self.total_rows * self.row_len
 
     def to_json(self) -> str:
-        data = asdict(self)
+        data = {"format_version": self.format_version, **asdict(self)}  # the version reads first
         data["shards"] = [asdict(s) for s in self.shards]
         return json.dumps(data, indent=2) + "\n"
 

@@ -19,7 +19,6 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TransferSpeedColumn,
@@ -83,24 +81,22 @@ def _new_progress(enabled: bool) -> Progress:
     )
 
 
-def _counted(docs: Iterator[str], bar: Progress, task: TaskID, seen: list[int]) -> Iterator[str]:
-    for doc in docs:
-        seen[0] += 1
-        bar.update(task, docs=seen[0])
-        yield doc
-
-
 def _get_tokenizer(cfg: DataConfig, corpus: Corpus, bar: Progress) -> LoadedTokenizer:
     if cfg.tokenizer is not None:
         return load_tokenizer(cfg.tokenizer)
     budget = min(TRAIN_BYTES, cfg.max_bytes) if cfg.max_bytes else TRAIN_BYTES
     task = bar.add_task("train tokenizer", total=min(budget, corpus.file_bytes), docs=0)
-    docs = iter_documents(
-        corpus, text_field=cfg.text_field, max_bytes=budget, on_bytes=lambda n: bar.advance(task, n)
-    )
-    seen = [0]
-    tok = train_tokenizer(_counted(docs, bar, task, seen), vocab_size=cfg.vocab_size)
-    if seen[0] == 0:
+    seen = {"docs": 0, "bytes": 0}
+
+    def count(size: int) -> None:
+        seen["docs"] += 1
+        seen["bytes"] += size
+        bar.update(task, advance=size, docs=seen["docs"])
+
+    docs = iter_documents(corpus, text_field=cfg.text_field, max_bytes=budget, on_bytes=count)
+    tok = train_tokenizer(docs, vocab_size=cfg.vocab_size)
+    bar.update(task, total=seen["bytes"], completed=seen["bytes"])
+    if seen["docs"] == 0:
         raise DataError(
             f"data.source {cfg.source!r}: no text in {len(corpus.files)} file(s) (all empty, binary "
             "or not UTF-8); point it at text, .jsonl or .parquet files"
