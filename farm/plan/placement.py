@@ -36,7 +36,7 @@ def proportional_split(n_layers: int, speeds: Sequence[float]) -> tuple[int, ...
         split[order[k % len(order)]] += 1
         k += 1
     while sum(split) > n_layers:
-        i = max(range(len(split)), key=lambda j: split[j] - raw[j])
+        i = max((j for j in range(len(split)) if split[j] > 1), key=lambda j: split[j] - raw[j])
         split[i] -= 1
     return tuple(split)
 

@@ -79,7 +79,9 @@ def print_table(plans: Sequence[Plan], *, farm: Farm, model_name: str, params: i
         )
     console.print(table)
     mem = best.memory
-    parts = ", ".join(f"{k} {_gib(mem[k])}" for k in ("params", "grads", "optimizer", "activations", "margin"))
+    parts = ", ".join(
+        f"{k} {_gib(mem[k])}" for k in ("params", "grads", "optimizer", "activations", "margin")
+    )
     console.print(
         f"memory per device (fullest stage, GiB): {parts} = {_gib(mem['total'])} of {_gib(mem['capacity'])}"
     )

@@ -118,7 +118,9 @@ def test_the_valid_example_loads() -> None:
     assert [p.name for p in farm.pools] == ["a", "b"]
 
 
-@pytest.mark.parametrize(("path", "value", "where", "fragment"), INVALID, ids=[f"{c[0]}={c[1]!r}" for c in INVALID])
+@pytest.mark.parametrize(
+    ("path", "value", "where", "fragment"), INVALID, ids=[f"{c[0]}={c[1]!r}" for c in INVALID]
+)
 def test_invalid_field_is_named_by_its_yaml_path(path: str, value: Any, where: str, fragment: str) -> None:
     with pytest.raises(TopologyError) as err:
         load_farm(_set(good(), path, value))
@@ -191,7 +193,12 @@ def test_accelerator_table_and_emulation() -> None:
     assert ACCELERATORS["npu"].torch_module == "torch_npu"
     assert ACCELERATORS["gpu"].torch_module is None
     spec = emulated_spec("npu")
-    assert (spec.ray_resource, spec.torch_device, spec.backend, spec.ds_accelerator) == ("farm_npu", "cpu", "gloo", "cpu")
+    assert (spec.ray_resource, spec.torch_device, spec.backend, spec.ds_accelerator) == (
+        "farm_npu",
+        "cpu",
+        "gloo",
+        "cpu",
+    )
     assert spec.visible_devices_env is None and spec.torch_module is None
     with pytest.raises(TopologyError):
         emulated_spec("tpu")
