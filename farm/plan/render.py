@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from farm.plan.layout import Plan
-from farm.topology import GiB, Farm
+from farm.topology import Farm, GiB
 
 
 def _gib(n: float) -> str:
