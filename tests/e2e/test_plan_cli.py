@@ -1,0 +1,54 @@
+"""`python -m farm.plan +topology=NAME model=NAME [plan.output=table|json]`, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from farm.plan import Plan
+
+pytestmark = pytest.mark.e2e
+
+
+def plan_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "farm.plan", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_table_from_any_working_directory(tmp_path: Path) -> None:
+    out = plan_cli("+topology=local", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "gpt-tiny" in text and "on local (2 devices in 1 nodes)" in text
+    assert "best" in text and "MFU" in text and "memory per device" in text
+    assert not list(tmp_path.iterdir()), "the plan command must not write files"
+
+
+def test_json_output_holds_a_plan_that_round_trips(tmp_path: Path) -> None:
+    out = plan_cli("+topology=local-farm", "model=gpt-tiny", "train.global_batch=24", "plan.output=json",
+                   "plan.top=3", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    plan = Plan.from_json(data["plan"])
+    assert (plan.dp, plan.world_size, plan.global_batch) == (6, 6, 24)
+    assert plan.to_json() == data["plan"]
+    assert len(data["alternatives"]) == 2
+    assert all(a["step_time_s"] >= plan.step_time_s for a in data["alternatives"])
+
+
+def test_impossible_request_says_what_to_change(tmp_path: Path) -> None:
+    out = plan_cli("+topology=dgx-h100-superpod", "model=gpt-7b", "parallel.tp=16", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: parallel.tp=16 is larger than a node")
+    assert "use parallel.tp=8 or less" in out.stderr and "Traceback" not in out.stderr
+    out = plan_cli("+topology=local", "model=gpt-7b", cwd=tmp_path)
+    assert out.returncode == 2 and "does not fit in device memory" in out.stderr and "short by" in out.stderr
+
+
+def test_bad_output_option(tmp_path: Path) -> None:
+    out = plan_cli("+topology=local", "plan.output=yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "plan.output='yaml': use table or json" in out.stderr
