@@ -144,7 +144,7 @@ class Farm:
     spares: tuple[Node, ...] = ()
     inter_pool_oversubscription: float = 1.0
     """Slow-down of traffic between pools (pods of different pools) relative to their NICs."""
-    _pools_by_name: dict[str, NodePool] = field(default_factory=dict, compare=False, repr=False)
+    _pools_by_name: dict[str, NodePool] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_pools_by_name", {p.name: p for p in self.pools})

@@ -80,8 +80,8 @@ def _check_devices(req: Request, farm: Farm, segs: list[Segment]) -> None:
     for k, v in fixed.items():
         largest = most // (need // v)
         if largest >= 1:
-            changes.append(f"parallel.{k}={largest} (or auto)")
-    hint = f"lower {' or '.join(changes)}" if changes else "lower the fixed degrees"
+            changes.append(f"parallel.{k} to {largest}")
+    hint = f"lower {' or '.join(changes)} (or set it to auto)" if changes else "lower the fixed degrees"
     raise PlanError(
         f"{names} = {' x '.join(str(v) for v in fixed.values())} = {need} devices, but farm "
         f"{farm.name!r} has {farm.num_devices} ({len(farm.nodes)} nodes); {hint}, or use a larger farm"

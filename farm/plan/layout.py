@@ -57,7 +57,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     farm: str = ""
     precision: str = "bf16"
-    _index: dict[int, RankPlacement] = field(default_factory=dict, compare=False, repr=False)
+    _index: dict[int, RankPlacement] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_index", {r.rank: r for r in self.ranks})

@@ -76,7 +76,7 @@ def test_micro_batch_that_does_not_divide_the_global_batch() -> None:
 def test_fixed_degrees_larger_than_the_farm() -> None:
     msg = fail(ParallelConfig(dp=4, tp=2, pp=2))
     assert "parallel.dp x parallel.tp x parallel.pp = 4 x 2 x 2 = 16 devices" in msg
-    assert "farm 'local-farm' has 6" in msg and "parallel.dp=1" in msg
+    assert "farm 'local-farm' has 6" in msg and "lower parallel.dp to 1" in msg
 
 
 def test_memory_shortfall_names_the_gap_and_the_fix() -> None:

@@ -29,11 +29,9 @@ LAYER, VECTORS, EMBED, FINAL_NORM = 49_152, 256, 8_192, 128
 PARAMS = 2 * (LAYER + VECTORS) + EMBED + FINAL_NORM  # 107,136
 
 
-def mem(**kw: object) -> dict[str, float]:
-    args = {"n": 2, "first": 1, "last": 1, "inflight": 1, "t": 1, "d": 1, "z": 0, "b": 2, "c": 0}
-    args.update(kw)
-    prec = args.pop("prec", BF16)
-    out = stage_memory(SHAPE, prec, COST, HW, **args)  # type: ignore[arg-type]
+def mem(prec: Precision = BF16, **kw: int) -> dict[str, float]:
+    args = {"n": 2, "first": 1, "last": 1, "inflight": 1, "t": 1, "d": 1, "z": 0, "b": 2, "c": 0, **kw}
+    out = stage_memory(SHAPE, prec, COST, HW, **args)
     return {k: float(v) for k, v in out.items()}
 
 
