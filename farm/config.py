@@ -96,7 +96,8 @@ class TrainConfig:
     global_batch: int = 32
     """Sequences per optimizer step, whatever the DP degree."""
     micro_batch: int = 4
-    """Sequences per forward/backward on one data-parallel rank."""
+    """Sequences per forward/backward on one data-parallel rank; with parallel.micro_batch=auto the
+    planner may pick a smaller divisor of it (the largest micro-batch it tries)."""
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 20
@@ -126,7 +127,8 @@ class ParallelConfig:
     zero_stage: int | str = 1
     """DeepSpeed ZeRO stage for data parallelism (0, 1, 2, 3 or 'auto')."""
     micro_batch: int | str = "auto"
-    """Override of train.micro_batch chosen by the planner; 'auto' keeps train.micro_batch."""
+    """Micro-batch size: an integer fixes it; 'auto' lets the planner choose among the divisors of
+    train.micro_batch (it never changes the global batch, only the gradient accumulation)."""
 
 
 @dataclass(frozen=True)
