@@ -22,10 +22,12 @@ CLI_DEFAULTS: dict[str, Any] = {"output": "table", "top": 5}
 def run(argv: list[str]) -> int:
     from rich.console import Console
 
-    from farm._hydra import compose_from_argv
     from farm.topology import load_farm
 
-    cfg, raw = compose_from_argv(argv, extra_groups={"plan": CLI_DEFAULTS})
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    cfg, raw = _compose(argv)
     options = raw.get("plan") or {}
     output, top = options.get("output", "table"), options.get("top", 5)
     if output not in ("table", "json"):
@@ -41,6 +43,20 @@ def run(argv: list[str]) -> int:
     params = ModelShape.from_config(cfg.model).num_params
     print_table(plans, farm=farm, model_name=cfg.model.name, params=params, console=Console(width=160))
     return 0
+
+
+def _compose(argv: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Hydra's own errors (unknown group option, bad override) become one-line ConfigErrors."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from farm._hydra import compose_from_argv
+
+    try:
+        return compose_from_argv(argv, extra_groups={"plan": CLI_DEFAULTS})
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).split("Config search path")[0]
+        raise ConfigError(" ".join(text.split())) from None
 
 
 def main() -> None:

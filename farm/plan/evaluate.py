@@ -9,7 +9,6 @@ and in time, so the screen and the exact evaluation agree (tests/unit/test_plan_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,7 +240,3 @@ def _p2p_after(mdl: Model, lay: Layout, k: int) -> float:
 
 def device_speed(mdl: Model, seg: Segment, *, t: int, b: int) -> float:
     return float(cm.speed(seg.hw, mdl.prec, mdl.cost, shape=mdl.shape, t=t, b=b))
-
-
-def stage_parts(parts: Sequence[tuple[Segment, int]]) -> list[tuple[Sequence[Node], int]]:
-    return [(seg.nodes, stages) for seg, stages in parts]

@@ -52,3 +52,9 @@ def test_impossible_request_says_what_to_change(tmp_path: Path) -> None:
 def test_bad_output_option(tmp_path: Path) -> None:
     out = plan_cli("+topology=local", "plan.output=yaml", cwd=tmp_path)
     assert out.returncode == 2 and "plan.output='yaml': use table or json" in out.stderr
+
+
+def test_unknown_names_list_the_available_ones(tmp_path: Path) -> None:
+    out = plan_cli("+topology=nope", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "Could not find 'topology/nope'" in out.stderr and "sim-16k" in out.stderr
