@@ -94,7 +94,8 @@ class Network:
 
 @dataclass(frozen=True)
 class NodePool:
-    """Identical nodes in racks and pods. ``nodes`` are active; ``spares`` stand by."""
+    """Identical nodes in racks and pods: ``nodes`` in service and ``spares`` on standby, as the file
+    configures them (:meth:`Farm.pool_nodes` lists the nodes in service now)."""
 
     name: str
     nodes: int
