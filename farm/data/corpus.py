@@ -7,8 +7,10 @@ reader registered in ``READERS`` by suffix; anything else is read as one plain-t
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
+import os
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ class Corpus:
     files: tuple[Path, ...]
     description: str
 
-    @property
+    @functools.cached_property
     def file_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
@@ -90,11 +92,10 @@ READERS: dict[str, Reader] = {
 
 def _demo_files() -> Corpus:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if p.is_file() and not _DEMO_SKIP.intersection(p.relative_to(root).parts)
-    ]
+    files: list[Path] = []
+    for top, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _DEMO_SKIP]  # prune: site-packages is most of the tree
+        files.extend(Path(top) / n for n in names if n.endswith(".py"))
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     return Corpus(DEMO, tuple(files), f"demo: Python standard library sources in {root}")
 

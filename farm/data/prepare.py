@@ -129,8 +129,10 @@ def _encode_all(
 
 
 def _encode_batch(batch: list[str], tok: LoadedTokenizer, writer: ShardWriter) -> None:
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which packing never uses.
+    encode = getattr(tok.tokenizer, "encode_batch_fast", tok.tokenizer.encode_batch)
     ids: list[int] = []
-    for enc in tok.tokenizer.encode_batch(batch, add_special_tokens=False):
+    for enc in encode(batch, add_special_tokens=False):
         ids.extend(enc.ids)
         ids.append(tok.eos_id)
     writer.add(np.asarray(ids, dtype=np.uint32))
