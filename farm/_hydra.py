@@ -70,8 +70,9 @@ def to_farm_config(cfg: DictConfig) -> tuple[FarmConfig, dict[str, Any]]:
     topology = cfg.get("topology")
     if topology is not None and "_error" in topology:
         raise TopologyError(str(topology["_error"]))
-    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    assert isinstance(raw, dict)
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(container, dict)
+    raw: dict[str, Any] = {str(k): v for k, v in container.items()}
     if isinstance(raw.get("topology"), dict):
         # The file a topology came from is for messages only; the farm itself does not carry it.
         raw["topology_file"] = raw["topology"].pop("_file", None)

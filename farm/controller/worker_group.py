@@ -81,7 +81,7 @@ class WorkerGroup:
         world = plan.world_size
         threads = max(1, (os.cpu_count() or 1) // world) if farm.emulate == "cpu" else 4
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
-        self.actors = []
+        self.actors: list[Any] = []
         for r in sorted(plan.ranks, key=lambda r: r.rank):
             spec = specs[r.node]
             wspec = WorkerSpec(rank=r.rank, world_size=world, torch_device=spec.torch_device,
