@@ -41,9 +41,9 @@ class LauncherOptions:
     """Environment variables exported on every node."""
     cluster_timeout_s: int = 600
     """Give up when the Ray cluster is not complete (every node joined) after this many seconds."""
-    node_ip: str | None = None
-    """Address every Ray node binds to; None: each node's own (`hostname --ip-address`). Set 127.0.0.1
-    only when the whole allocation is this one host."""
+    interface: str | None = None
+    """Network interface whose IPv4 address each Ray node announces, e.g. 'ib0' on nodes with several
+    networks; None: the address Ray picks (the interface of the default route)."""
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class PbsQueue:
             "python": quote(default_python(options)),
             "max_restarts": options.max_restarts,
             "cluster_timeout_s": options.cluster_timeout_s,
-            "node_ip": quote(options.node_ip),
+            "interface": quote(options.interface),
             "num_nodes": job.num_nodes,
             "port_block": PORT_BLOCK,
             "walltime_s": walltime,

@@ -34,7 +34,7 @@ class SlurmQueue:
             "python": quote(default_python(options)),
             "max_restarts": options.max_restarts,
             "cluster_timeout_s": options.cluster_timeout_s,
-            "node_ip": quote(options.node_ip),
+            "interface": quote(options.interface),
             "num_nodes": job.num_nodes,
             "port_block": PORT_BLOCK,
             "node_resources": bash_array(job.ray_resources()),

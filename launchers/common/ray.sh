@@ -1,11 +1,22 @@
 # --- Ray bring-up shared by the Slurm and PBS jobs (launchers/common/ray.sh) -------------------------
-# Needs: FARM_PYTHON, FARM_JOB_ID, FARM_JOB_DIR, FARM_NODE_IP, FARM_NODE_RESOURCES (one JSON per node
+# Needs: FARM_PYTHON, FARM_JOB_ID, FARM_JOB_DIR, FARM_INTERFACE, FARM_NODE_RESOURCES (one JSON per node
 # index), FARM_NODES, FARM_CLUSTER_TIMEOUT_S, FARM_RAY_TMP.
 
 farm_log() { echo "farm[$(date +%H:%M:%S)]: $*"; }
 
 farm_ip() {
-  if [ -n "$FARM_NODE_IP" ]; then echo "$FARM_NODE_IP"; else hostname --ip-address | awk '{print $1}'; fi
+  if [ -n "$FARM_INTERFACE" ]; then
+    ip -o -4 addr show dev "$FARM_INTERFACE" | awk '{split($4, a, "/"); print a[1]; exit}'
+  else
+    "$FARM_PYTHON" -c 'import ray.util; print(ray.util.get_node_ip_address())'
+  fi
+}
+
+# Ray clusters started by `ray start` require a token from every client. Each job makes its own,
+# readable by its user only, on the shared job directory where its workers and driver find it.
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$FARM_JOB_DIR/ray-token-$FARM_JOB_ID"
+farm_make_token() {
+  (umask 077 && "$FARM_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH")
 }
 
 # Run one Ray node in the foreground until it is stopped. `--block` keeps the raylet and its workers
@@ -38,6 +49,7 @@ farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself
 # Start the head (node 0) on this host in the background; sets FARM_HEAD_PID and FARM_RAY_ADDRESS.
 farm_start_head() {
   rm -f "$FARM_JOB_DIR/head-$FARM_JOB_ID"
+  farm_make_token || return 1
   farm_ray_node 0 &
   FARM_HEAD_PID=$!
   local waited=0
@@ -80,7 +92,7 @@ farm_stop_ray() {
   for pid in ${FARM_WORKER_PIDS:-} ${FARM_HEAD_PID:-}; do kill -TERM "$pid" 2>/dev/null; done
   for pid in ${FARM_WORKER_PIDS:-} ${FARM_HEAD_PID:-}; do wait "$pid" 2>/dev/null; done
   FARM_WORKER_PIDS="" FARM_HEAD_PID=""
-  rm -rf "$FARM_RAY_TMP" "$FARM_JOB_DIR/head-$FARM_JOB_ID"
+  rm -rf "$FARM_RAY_TMP" "$FARM_JOB_DIR/head-$FARM_JOB_ID" "$RAY_AUTH_TOKEN_PATH"
 }
 
 # Whether the run stopped early on a signal (and so should continue), from its events.jsonl.
