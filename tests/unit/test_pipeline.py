@@ -3,8 +3,8 @@
 The schedule tests are pure. The simulator plays every stage's program against its neighbours with
 rendezvous semantics (a send completes only when the matching receive is posted, and vice versa),
 the strictest a transport can be, so a program it finishes cannot deadlock on gloo or NCCL.
-The integration tests split the farm GPT across 1, 2 and 3 processes and compare the loss and every
-gradient with the same model run whole in one process.
+The integration tests split a tiny transformer across 1, 2 and 3 processes and compare the loss and
+every gradient with the same model run whole in one process.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from farm.config import ModelConfig
-from farm.runtime.model import GPT
 from farm.runtime.pipeline import (
     Action,
     Instruction,
@@ -193,8 +192,45 @@ def test_transfers_go_to_neighbours_only_and_ends_talk_one_way() -> None:
 
 # -- real pipeline steps over gloo ---------------------------------------------------------------------
 
-MODEL = ModelConfig(n_layers=4, d_model=16, n_heads=2, d_ff=32, seq_len=8, tie_embeddings=False)
-VOCAB, MICRO_BATCH = 64, 2
+LAYERS, D_MODEL, HEADS, SEQ, VOCAB, MICRO_BATCH = 4, 16, 2, 8, 64, 2
+
+
+class TinyBlock(nn.Module):
+    """Pre-norm causal attention and GELU MLP: every kind of layer a GPT stage holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(D_MODEL), nn.LayerNorm(D_MODEL)
+        self.qkv, self.proj = nn.Linear(D_MODEL, 3 * D_MODEL), nn.Linear(D_MODEL, D_MODEL)
+        self.up, self.down = nn.Linear(D_MODEL, 2 * D_MODEL), nn.Linear(2 * D_MODEL, D_MODEL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, HEADS, D_MODEL // HEADS).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, D_MODEL))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D_MODEL)
+        self.blocks = nn.ModuleList(TinyBlock() for _ in range(LAYERS))
+        self.norm, self.head = nn.LayerNorm(D_MODEL), nn.Linear(D_MODEL, VOCAB, bias=False)
+
+    def part(self, x: torch.Tensor, *, layers: range, targets: torch.Tensor | None) -> torch.Tensor:
+        """Blocks ``layers``, with the embedding when they start at 0 and the loss when targets are given."""
+        if layers.start == 0:
+            x = self.embed(x)
+        for i in layers:
+            x = self.blocks[i](x)
+        if targets is None:
+            return x
+        return F.cross_entropy(self.head(self.norm(x)).view(-1, VOCAB), targets.reshape(-1))
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.part(tokens, layers=range(LAYERS), targets=targets)
 
 
 @dataclass(frozen=True)
@@ -221,28 +257,22 @@ CASES = [
 
 def _micro_batches(case: Case) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(len(case.ranks) * 100 + case.micro)
-    tokens = torch.randint(0, VOCAB, (case.micro, MICRO_BATCH, MODEL.seq_len + 1), generator=g)
+    tokens = torch.randint(0, VOCAB, (case.micro, MICRO_BATCH, SEQ + 1), generator=g)
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def _stage_fn(model: GPT, stage: int, case: Case, live: list[weakref.ref], peak: list[int]) -> Any:
+def _layers(case: Case, stage: int) -> range:
     lo = sum(case.split[:stage])
-    blocks = model.blocks[lo: lo + case.split[stage]]
-    first, last = stage == 0, stage == len(case.ranks) - 1
+    return range(lo, lo + case.split[stage])
 
+
+def _stage_fn(model: TinyLM, stage: int, case: Case, live: list[weakref.ref], peak: list[int]) -> Any:
     def stage_fn(x: torch.Tensor, *, micro: int, targets: torch.Tensor | None) -> torch.Tensor:
-        # Mirrors GPT.forward piece by piece, so the pipeline must match it to rounding.
-        if first:
-            x = model.drop(model.embed(x))
-        for block in blocks:
-            x = block(x, model.rope_cos, model.rope_sin)
-        if not last:
-            live.append(weakref.ref(x))
+        out = model.part(x, layers=_layers(case, stage), targets=targets)
+        if targets is None:
+            live.append(weakref.ref(out))
             peak[0] = max(peak[0], sum(r() is not None for r in live))
-            return x
-        assert targets is not None
-        logits = F.linear(model.norm(x), model.head.weight)  # type: ignore[union-attr]
-        return F.cross_entropy(logits.float().view(-1, VOCAB), targets.reshape(-1))
+        return out
 
     return stage_fn
 
@@ -251,7 +281,7 @@ def _run_case(rank: int, case: Case) -> dict[str, Any]:
     stage = case.ranks.index(rank)
     stages = len(case.ranks)
     torch.manual_seed(0)
-    model = GPT(MODEL, vocab_size=VOCAB)
+    model = TinyLM()
     reference = copy.deepcopy(model)
     batches = _micro_batches(case)
     ref_loss = sum(reference(x, y) for x, y in batches) / case.micro
@@ -264,7 +294,7 @@ def _run_case(rank: int, case: Case) -> dict[str, Any]:
         calls["loss" if grad is None else "output"] += 1
         torch.autograd.backward(t, grad)
 
-    st = PipelineStage(stage=stage, stages=stages, act_shape=(MICRO_BATCH, MODEL.seq_len, MODEL.d_model),
+    st = PipelineStage(stage=stage, stages=stages, act_shape=(MICRO_BATCH, SEQ, D_MODEL),
                        prev_rank=case.ranks[stage - 1] if stage else None,
                        next_rank=case.ranks[stage + 1] if stage < stages - 1 else None)
     losses = run_pipeline_step(stage=st, stage_fn=_stage_fn(model, stage, case, live, peak),
@@ -316,9 +346,8 @@ def gloo_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[int
 
 
 def _stage_params(case: Case, stage: int) -> set[str]:
-    names = {n for n, _ in GPT(MODEL, vocab_size=VOCAB).named_parameters()}
-    lo = sum(case.split[:stage])
-    mine = {n for n in names if n.startswith(tuple(f"blocks.{i}." for i in range(lo, lo + case.split[stage])))}
+    names = {n for n, _ in TinyLM().named_parameters()}
+    mine = {n for n in names if n.startswith(tuple(f"blocks.{i}." for i in _layers(case, stage)))}
     if stage == 0:
         mine |= {n for n in names if n.startswith("embed.")}
     if stage == len(case.ranks) - 1:
@@ -343,3 +372,48 @@ def test_pipeline_step_equals_the_whole_model_in_one_process(case: Case, gloo_re
             assert r["peak_in_flight"] == min(len(case.ranks) - stage, case.micro)
             assert r["alive_after"] == 0, "activations are freed after their backward"
 
+
+
+# -- one stage, no process group needed -----------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_one_stage_is_plain_gradient_accumulation() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    batches = [(torch.randn(2, 4), torch.randn(2, 3)) for _ in range(3)]
+    asked: list[int] = []
+
+    def get_micro(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        asked.append(i)
+        return batches[i]
+
+    def stage_fn(x: torch.Tensor, *, micro: int, targets: torch.Tensor | None) -> torch.Tensor:
+        assert targets is not None
+        return F.mse_loss(x @ w, targets)
+
+    st = PipelineStage(stage=0, stages=1, prev_rank=None, next_rank=None, act_shape=(2, 3))
+    losses = run_pipeline_step(stage=st, stage_fn=stage_fn, get_micro=get_micro, micro_batches=3, loss_scale=1 / 3)
+    assert asked == [0, 1, 2]
+    expected = [F.mse_loss(x @ w, y) for x, y in batches]
+    assert losses is not None and torch.allclose(losses, torch.stack(expected).detach())
+    grad = w.grad.clone()  # type: ignore[union-attr]
+    w.grad = None
+    (torch.stack(expected).sum() / 3).backward()
+    assert torch.allclose(grad, w.grad)  # type: ignore[arg-type]
+
+
+@pytest.mark.unit
+def test_an_activation_of_the_wrong_shape_is_refused_before_it_is_sent() -> None:
+    st = PipelineStage(stage=0, stages=2, prev_rank=None, next_rank=1, act_shape=(2, 8, 16))
+    with pytest.raises(ValueError, match=r"stage 0 returned an activation of \(2, 8, 15\)"):
+        run_pipeline_step(stage=st, stage_fn=lambda x, *, micro, targets: torch.zeros(2, 8, 15),
+                          get_micro=lambda i: (torch.zeros(2, 8), torch.zeros(2, 8)), micro_batches=2)
+
+
+@pytest.mark.unit
+def test_the_last_stage_must_return_a_scalar_loss() -> None:
+    st = PipelineStage(stage=0, stages=1, prev_rank=None, next_rank=None, act_shape=(2, 8, 16))
+    with pytest.raises(ValueError, match="scalar loss"):
+        run_pipeline_step(stage=st, stage_fn=lambda x, *, micro, targets: torch.zeros(2),
+                          get_micro=lambda i: (torch.zeros(2, 8), torch.zeros(2, 8)), micro_batches=1)
