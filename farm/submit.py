@@ -12,13 +12,17 @@ is composed as ``+launcher=NAME``; both spellings are accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from farm._hydra import compose_from_argv, run_cli
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from farm._hydra import available_topologies, compose_from_argv, run_cli
 from farm.errors import ConfigError
 from farm.queue import LauncherOptions, Rendered, build_job, get_queue, parse_options, submit
 from farm.queue.options import OPTIONS
@@ -33,18 +37,36 @@ submitting it. Fields of each queue: conf/launcher/QUEUE.yaml; how-to: launchers
 
 
 def launcher_overrides(argv: Sequence[str]) -> list[str]:
-    """``launcher=NAME`` becomes ``+launcher=NAME`` (the group is not in the primary defaults list)."""
-    out = []
-    for arg in argv:
-        out.append(f"+{arg}" if arg.startswith("launcher=") else arg)
-    if not any(a.startswith("+launcher=") for a in out):
+    """``launcher=NAME`` becomes ``+launcher=NAME`` (the group is not in the primary defaults list).
+
+    ``launcher.FIELD=...`` overrides are checked against the fields of that queue here, so that a typo
+    gets the list of fields rather than Hydra's advice to append it with ``+``.
+    """
+    out = [f"+{arg}" if arg.startswith("launcher=") else arg for arg in argv]
+    names = [a.split("=", 1)[1] for a in out if a.startswith("+launcher=")]
+    if not names:
         raise ConfigError(f"no queue chosen: add launcher=NAME, NAME one of {', '.join(OPTIONS)}")
+    if names[-1] not in OPTIONS:
+        raise ConfigError(f"launcher={names[-1]}: use one of {', '.join(OPTIONS)}")
+    known = {f.name for f in dataclasses.fields(OPTIONS[names[-1]])}
+    for arg in out:
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith("launcher.") and key.split(".")[1] not in known:
+            raise ConfigError(
+                f"{key}: not a field of launcher={names[-1]}; known fields are {', '.join(sorted(known))}"
+            )
     return out
 
 
 def render(argv: Sequence[str], *, workdir: Path | None = None) -> tuple[Rendered, LauncherOptions]:
     """Compose, validate and render; returns the job written to run.dir/submit and the launcher options."""
-    cfg, raw = compose_from_argv(launcher_overrides(argv))
+    if not any(a.lstrip("+").startswith("topology=") for a in argv):
+        raise ConfigError(f"topology: no farm given; add +topology=NAME, NAME one of {', '.join(available_topologies())}")
+    try:
+        cfg, raw = compose_from_argv(launcher_overrides(argv))
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's own words name the override; only the traceback goes.
+        raise ConfigError(" ".join(str(err).split())) from err
     options = parse_options(raw.get("launcher"))
     farm = load_farm(cfg.topology, source=raw.get("topology_file") or "topology")
     job = build_job(cfg, farm, argv=argv, job_name=options.job_name, workdir=workdir or Path.cwd())
