@@ -43,17 +43,15 @@ class KubernetesQueue:
         text = header + yaml.safe_dump(manifest, sort_keys=False, width=110)
         ns = ["-n", options.namespace] if options.namespace else []
         name = manifest["metadata"]["name"]
-        flag = " ".join(ns)
+        kubectl = " ".join(["kubectl", *ns])
         return Rendered(
             path=path,
             text=text,
             submit_command=("kubectl", *ns, "create", "-f", str(path)),
             hints=(
-                f"watch:   kubectl {flag} get rayjob {name} -w; kubectl {flag} logs -f -l job-name={name}".replace(
-                    "  ", " "
-                ),
-                f"retries: spec.backoffLimit={manifest['spec']['backoffLimit']} (each resumes from the newest checkpoint)",
-                f"stop:    kubectl {flag} delete rayjob {name}".replace("  ", " "),
+                f"watch:   {kubectl} get rayjob {name} -w; {kubectl} logs -f job/{name}",
+                f"retries: spec.backoffLimit={options.max_restarts} (each resumes from the newest checkpoint)",
+                f"stop:    {kubectl} delete rayjob {name}",
             ),
         )
 

@@ -166,6 +166,19 @@ def _wait_idle(cluster: SlurmCluster) -> None:
     raise RuntimeError(f"the Slurm node is {state!r}, not idle, after 60 s:\n{logs}")
 
 
+def _cancel_all(cluster: SlurmCluster) -> None:
+    """Jobs a failed test left behind: cancel them while slurmd can still reap their processes."""
+    if not cluster.procs or cluster.procs[-1].poll() is not None:
+        return
+    jobs = cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+    if not jobs:
+        return
+    cluster.run("scancel", "--full", *jobs, check=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and cluster.run("squeue", "-h", "-o", "%i", check=False).stdout.strip():
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     _ensure_installed()
@@ -189,6 +202,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
         _wait_idle(cluster)
         yield cluster
     finally:
+        _cancel_all(cluster)
         for proc in reversed(cluster.procs):
             proc.terminate()
         for proc in reversed(cluster.procs):
