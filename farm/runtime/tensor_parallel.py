@@ -95,9 +95,8 @@ class _Sharded(nn.Module):
         super().__init__()
         self.group = group
         self.tp_rank, self.tp_size = group_rank_size(group)
-        split_blocks(
-            sections, rank=self.tp_rank, size=self.tp_size, what=what
-        )  # raises with the layer's name
+        # Checked here first so that the error names the layer, not just the sizes.
+        split_blocks(sections, rank=self.tp_rank, size=self.tp_size, what=what)
         self.shard_spec = ShardSpec(dim=dim, sections=tuple(sections), rank=self.tp_rank, size=self.tp_size)
 
     def param_specs(self) -> dict[str, ShardSpec]:
