@@ -6,6 +6,9 @@
 - ``wait --address A --nodes N --timeout T``: wait until N Ray nodes are alive in the cluster at A.
 - ``status --run-dir D``: 'done', 'preempted' or 'unknown', from the last ``end`` event of the run, so
   that the job requeues only a run that stopped early.
+- ``shield -- CMD ...``: run CMD in a process group of its own with SIGTERM blocked (the mask is
+  inherited by everything CMD starts), so that a queue's SIGTERM to every process of a job leaves
+  Ray serving the driver while it checkpoints; SIGKILL still ends it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -95,6 +99,15 @@ def run_status(run_dir: Path) -> str:
     return "unknown"
 
 
+def shield(command: list[str]) -> None:
+    """Replace this process by ``command``, in a new process group, with SIGTERM blocked."""
+    if not command:
+        raise SystemExit("shield: no command given")
+    os.setpgid(0, 0)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.execvp(command[0], command)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m farm.queue.bringup", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--log-dir")
     status = sub.add_parser("status", help="done, preempted or unknown")
     status.add_argument("--run-dir", required=True)
+    guard = sub.add_parser("shield", help="run a command in its own process group with SIGTERM blocked")
+    guard.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "shield":
+        shield(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
     if args.command == "ports":
         print(free_port_block(seed=args.seed))
     elif args.command == "wait":

@@ -19,9 +19,12 @@ farm_make_token() {
   (umask 077 && "$FARM_PYTHON" -c 'import secrets; print(secrets.token_hex(32))' > "$RAY_AUTH_TOKEN_PATH")
 }
 
-# Run one Ray node in the foreground until it is stopped. `--block` keeps the raylet and its workers
-# children of this process, so the queue's step owns them and stopping this process stops them all
-# (no `ray stop`, which would stop every Ray on the host, other jobs' too).
+# Run one Ray node in the foreground until it is stopped, in a process group of its own with SIGTERM
+# blocked. A requeue, a preemption or `scancel` sends SIGTERM to every process of the job at once;
+# the shield keeps Ray serving while farm.launch (not shielded) finishes its step and checkpoints,
+# and the queue's SIGKILL after its grace time (KillWait) ends Ray all the same. `--block` keeps the
+# raylet and its workers children of this process, so the queue's tracking owns them, and this job
+# stops its own Ray by killing that group (never `ray stop`, which stops every Ray on the host).
 # Every node takes its own block of ports, chosen from the job id and checked free on this host, so
 # two jobs sharing a node do not collide.
 farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself
@@ -42,7 +45,7 @@ farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself
   else
     args+=(--address="$head")
   fi
-  exec "$FARM_PYTHON" -m ray.scripts.scripts start "${args[@]}" \
+  exec "$FARM_PYTHON" -m farm.queue.bringup shield -- "$FARM_PYTHON" -m ray.scripts.scripts start "${args[@]}" \
     > "$FARM_JOB_DIR/ray-$FARM_JOB_ID-node$index.log" 2>&1
 }
 
@@ -71,27 +74,36 @@ farm_wait_cluster() {
 }
 
 # The driver runs in the background so that this shell can take signals while it trains: bash runs
-# a trap only between commands, and `wait` is the one command a trap interrupts.
+# a trap only between commands, and `wait` is the one command a trap interrupts. It is shielded from
+# SIGTERM like Ray (its W&B service too): a queue's SIGTERM to every process reaches it once, from
+# this shell, as SIGUSR1, instead of several times and in its helpers as well.
 farm_run_driver() {
-  "$FARM_PYTHON" -m farm.launch "${FARM_LAUNCH[@]}" "run.ray_address=$FARM_RAY_ADDRESS" &
+  "$FARM_PYTHON" -m farm.queue.bringup shield -- \
+    "$FARM_PYTHON" -m farm.launch "${FARM_LAUNCH[@]}" "run.ray_address=$FARM_RAY_ADDRESS" &
   FARM_DRIVER_PID=$!
   while kill -0 "$FARM_DRIVER_PID" 2>/dev/null; do wait "$FARM_DRIVER_PID"; done
   wait "$FARM_DRIVER_PID"
 }
 
 # SIGUSR1 (time limit near, or `scancel -b -s USR1`): checkpoint, stop, requeue.
-# SIGTERM (`scancel -b`, preemption): checkpoint and stop; a requeue is the scheduler's call.
+# SIGTERM (`scancel`, a requeue, a preemption): checkpoint and stop; a requeue is the queue's call.
+# Either way farm.launch gets SIGUSR1 (it blocks SIGTERM), finishes its step and checkpoints.
 farm_on_signal() {
   FARM_SIGNAL=$1
   farm_log "got SIG$1; asking farm to checkpoint and stop"
-  if [ -n "${FARM_DRIVER_PID:-}" ]; then kill -"$1" "$FARM_DRIVER_PID" 2>/dev/null; fi
+  if [ -n "${FARM_DRIVER_PID:-}" ]; then kill -USR1 "$FARM_DRIVER_PID" 2>/dev/null; fi
 }
 
+# SIGKILL, since the Ray nodes block SIGTERM; the head's group holds its raylet, GCS and agents, and
+# its workers exit when their raylet goes. The workers' nodes are the queue's (farm_stop_workers).
 farm_stop_ray() {
-  local pid
-  for pid in ${FARM_WORKER_PIDS:-} ${FARM_HEAD_PID:-}; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in ${FARM_WORKER_PIDS:-} ${FARM_HEAD_PID:-}; do wait "$pid" 2>/dev/null; done
-  FARM_WORKER_PIDS="" FARM_HEAD_PID=""
+  farm_stop_workers
+  if [ -n "${FARM_HEAD_PID:-}" ]; then
+    # (Before its exec the head is not yet a group leader: then the process alone.)
+    kill -KILL -- "-$FARM_HEAD_PID" 2>/dev/null || kill -KILL "$FARM_HEAD_PID" 2>/dev/null
+    wait "$FARM_HEAD_PID" 2>/dev/null
+  fi
+  FARM_HEAD_PID=""
   rm -rf "$FARM_RAY_TMP" "$FARM_JOB_DIR/head-$FARM_JOB_ID" "$RAY_AUTH_TOKEN_PATH"
 }
 

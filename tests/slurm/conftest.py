@@ -156,13 +156,13 @@ def _start(cluster: SlurmCluster, cmd: list[str], *, ready: str | None = None) -
 def _wait_idle(cluster: SlurmCluster) -> None:
     deadline = time.monotonic() + 60
     state = ""
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and all(p.poll() is None for p in cluster.procs):
         state = cluster.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
         if state == "idle":
             return
         time.sleep(0.5)
-    logs = "\n".join((cluster.root / n).read_text()[-1500:] for n in ("slurmctld.log", "slurmd.log")
-                     if (cluster.root / n).exists())
+    names = ("slurmctld.out", "slurmd.out", "slurmctld.log", "slurmd.log")
+    logs = "\n".join((cluster.root / n).read_text()[-1500:] for n in names if (cluster.root / n).exists())
     raise RuntimeError(f"the Slurm node is {state!r}, not idle, after 60 s:\n{logs}")
 
 

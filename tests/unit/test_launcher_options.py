@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,17 @@ def test_bringup_cli_prints_what_the_script_reads(tmp_path: Path, capsys: pytest
     assert int(capsys.readouterr().out) == free_port_block(seed="abc")
     assert main(["status", "--run-dir", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == "unknown"
+
+
+def test_shield_runs_the_command_in_its_own_group_with_sigterm_blocked() -> None:
+    child = (
+        "import os, signal, time\n"
+        "print(os.getpgid(0) == os.getpid(), signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []))\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "print('alive')\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "farm.queue.bringup", "shield", "--", sys.executable, "-c", child],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["True", "True", "alive"]
