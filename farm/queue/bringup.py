@@ -6,9 +6,9 @@
 - ``wait --address A --nodes N --timeout T``: wait until N Ray nodes are alive in the cluster at A.
 - ``status --run-dir D``: 'done', 'preempted' or 'unknown', from the last ``end`` event of the run, so
   that the job requeues only a run that stopped early.
-- ``shield -- CMD ...``: run CMD in a process group of its own with SIGTERM blocked (the mask is
-  inherited by everything CMD starts), so that a queue's SIGTERM to every process of a job leaves
-  Ray serving the driver while it checkpoints; SIGKILL still ends it.
+- ``shield [--ignore-usr1] -- CMD ...``: run CMD in a process group of its own with SIGTERM blocked
+  (the mask is inherited by everything CMD starts), so that a queue's SIGTERM to every process of a
+  job leaves Ray serving the driver while it checkpoints; SIGKILL still ends it.
 """
 
 from __future__ import annotations
@@ -99,12 +99,18 @@ def run_status(run_dir: Path) -> str:
     return "unknown"
 
 
-def shield(command: list[str]) -> None:
-    """Replace this process by ``command``, in a new process group, with SIGTERM blocked."""
+def shield(command: list[str], *, ignore_usr1: bool = False) -> None:
+    """Replace this process by ``command``, in a new process group, with SIGTERM blocked.
+
+    ``ignore_usr1``: SIGUSR1 ignored too, until the command installs a handler of its own (farm's
+    controller does); one that comes earlier is dropped instead of ending the process.
+    """
     if not command:
         raise SystemExit("shield: no command given")
     os.setpgid(0, 0)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if ignore_usr1:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.execvp(command[0], command)
 
 
@@ -121,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     status = sub.add_parser("status", help="done, preempted or unknown")
     status.add_argument("--run-dir", required=True)
     guard = sub.add_parser("shield", help="run a command in its own process group with SIGTERM blocked")
+    guard.add_argument("--ignore-usr1", action="store_true", help="ignore SIGUSR1 until the command handles it")
     guard.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "shield":
-        shield(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+        shield(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd, ignore_usr1=args.ignore_usr1)
     if args.command == "ports":
         print(free_port_block(seed=args.seed))
     elif args.command == "wait":

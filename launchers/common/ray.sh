@@ -74,11 +74,14 @@ farm_wait_cluster() {
 }
 
 # The driver runs in the background so that this shell can take signals while it trains: bash runs
-# a trap only between commands, and `wait` is the one command a trap interrupts. It is shielded from
-# SIGTERM like Ray (its W&B service too): a queue's SIGTERM to every process reaches it once, from
-# this shell, as SIGUSR1, instead of several times and in its helpers as well.
+# a trap only between commands, and `wait` is the one command a trap interrupts. It is shielded like
+# Ray (its W&B service aside): SIGTERM blocked, so that a queue's SIGTERM to every process reaches it
+# once, from this shell, as SIGUSR1; and SIGUSR1 ignored until farm's controller listens for it,
+# so that an early one does not kill it (this shell repeats it until farm has stopped).
+# A signal that came during the bring-up means there is nothing to train: the driver is not started.
 farm_run_driver() {
-  "$FARM_PYTHON" -m farm.queue.bringup shield -- \
+  [ -z "$FARM_SIGNAL" ] || return 0
+  "$FARM_PYTHON" -m farm.queue.bringup shield --ignore-usr1 -- \
     "$FARM_PYTHON" -m farm.launch "${FARM_LAUNCH[@]}" "run.ray_address=$FARM_RAY_ADDRESS" &
   FARM_DRIVER_PID=$!
   while kill -0 "$FARM_DRIVER_PID" 2>/dev/null; do wait "$FARM_DRIVER_PID"; done
@@ -91,12 +94,17 @@ farm_run_driver() {
 farm_on_signal() {
   FARM_SIGNAL=$1
   farm_log "got SIG$1; asking farm to checkpoint and stop"
-  if [ -n "${FARM_DRIVER_PID:-}" ]; then kill -USR1 "$FARM_DRIVER_PID" 2>/dev/null; fi
+  if [ -n "${FARM_DRIVER_PID:-}" ] && [ -z "${FARM_NAG_PID:-}" ]; then
+    ( trap '' TERM; while kill -USR1 "$FARM_DRIVER_PID" 2>/dev/null; do sleep 5; done ) &
+    FARM_NAG_PID=$!
+  fi
 }
 
 # SIGKILL, since the Ray nodes block SIGTERM; the head's group holds its raylet, GCS and agents, and
 # its workers exit when their raylet goes. The workers' nodes are the queue's (farm_stop_workers).
 farm_stop_ray() {
+  if [ -n "${FARM_NAG_PID:-}" ]; then pkill -P "$FARM_NAG_PID"; kill "$FARM_NAG_PID" 2>/dev/null; fi
+  FARM_NAG_PID=""
   farm_stop_workers
   if [ -n "${FARM_HEAD_PID:-}" ]; then
     # (Before its exec the head is not yet a group leader: then the process alone.)
@@ -107,7 +115,7 @@ farm_stop_ray() {
   rm -rf "$FARM_RAY_TMP" "$FARM_JOB_DIR/head-$FARM_JOB_ID" "$RAY_AUTH_TOKEN_PATH"
 }
 
-# Whether the run stopped early on a signal (and so should continue), from its events.jsonl.
-farm_preempted() {
-  [ "$("$FARM_PYTHON" -m farm.queue.bringup status --run-dir "$FARM_RUN_DIR")" = preempted ]
+# Whether the run has yet to reach train.steps (and so should continue), from its events.jsonl.
+farm_unfinished() {
+  [ "$("$FARM_PYTHON" -m farm.queue.bringup status --run-dir "$FARM_RUN_DIR")" != done ]
 }

@@ -235,3 +235,13 @@ def test_pbs_can_start_workers_with_mpiexec(tmp_path: Path) -> None:
     nodefile.write_text("n1\nn2\nn3\n")
     calls = run_bring_up(text, tmp_path, "mpiexec", "farm_start_workers", {"PBS_NODEFILE": str(nodefile)})
     assert [c[:4] for c in calls] == [["-n", "1", "-host", "n2"], ["-n", "1", "-host", "n3"]]
+
+
+def test_pbs_timer_warns_the_job_shell_before_the_walltime(tmp_path: Path) -> None:
+    text = render("pbs", "local")
+    body = text[: text.rindex('if [ "${1:-}" = ray-worker ]')]
+    (tmp_path / "functions.sh").write_text(body)
+    script = (f"source {tmp_path}/functions.sh; FARM_WALLTIME_S=2; FARM_SIGNAL_BEFORE_S=1; "
+              "trap 'echo warned; exit 0' USR1; farm_start_timer; sleep 5 >/dev/null 2>&1 & wait $!; echo 'no warning'")
+    proc = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.stdout.strip() == "warned", proc.stderr
