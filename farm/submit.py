@@ -88,8 +88,8 @@ def run(argv: Sequence[str]) -> int:
     queue = get_queue(options.name)
     submitted = submit(queue, rendered)
     print(f"submitted {rendered.path.name} as job {submitted.job_id}")
-    for hint in rendered.hints:
-        print("  " + hint.replace("{job}", submitted.job_id))
+    for hint in rendered.hints_for(submitted.job_id):
+        print("  " + hint)
     record = {"job_id": submitted.job_id, "queue": queue.name, "file": str(rendered.path),
               "submitted_unix": round(time.time(), 3)}
     with (rendered.path.parent / "submissions.jsonl").open("a") as fh:

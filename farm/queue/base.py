@@ -22,7 +22,11 @@ class Rendered:
     text: str
     submit_command: tuple[str, ...]
     hints: tuple[str, ...]
-    """How to watch, requeue and stop it (printed after submission; {job} is the job id)."""
+    """How to watch, requeue and stop it, printed after submission: {job} is the job id, {jobnum} its
+    number (PBS ids are NUMBER.SERVER)."""
+
+    def hints_for(self, job_id: str) -> list[str]:
+        return [h.replace("{jobnum}", job_id.split(".")[0]).replace("{job}", job_id) for h in self.hints]
 
 
 @dataclass(frozen=True)

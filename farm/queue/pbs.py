@@ -60,7 +60,7 @@ class PbsQueue:
             text=text,
             submit_command=("qsub", str(script)),
             hints=(
-                "watch:   qstat -f {job}; tail -f " + f"{job.job_dir}/{job.name}.o<number of {{job}}>",
+                "watch:   qstat -f {job}; tail -f " + f"{job.job_dir}/{job.name}.o{{jobnum}}",
                 "metrics: tail -f " + f"{job.run_dir}/metrics.jsonl",
                 "stop:    qsig -s TERM {job}   (checkpoints first), then qdel {job}",
             ),
