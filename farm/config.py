@@ -77,12 +77,14 @@ class DataConfig:
     seq_len: int = 128
     """Tokens per packed sequence (each row stores seq_len + 1 tokens: inputs and shifted targets)."""
     rows_per_shard: int = 4096
+    """Rows per Arrow shard file (the last shard may be shorter)."""
     max_bytes: int = 24_000_000
     """Stop reading the corpus after this many bytes of text (0: no limit)."""
     prepare_if_missing: bool = True
     """`farm.launch` prepares the data when `dir` has no manifest (used for the demo corpus)."""
     prefetch: int = 4
-    """Micro-batches read ahead by the background thread of each worker."""
+    """Micro-batches read ahead by each worker's background thread (at least: it reads in parcels
+    of ~256K tokens; 0: no thread)."""
     verify_checksums: bool = True
     """Check every shard's sha256 against the manifest before training starts."""
 
@@ -143,6 +145,9 @@ class CheckpointConfig:
     """Snapshot to host memory, then write in the background while training goes on."""
     resume: bool = True
     """Resume from the newest valid checkpoint in the run directory."""
+    commit_timeout_s: float = 600.0
+    """How long rank 0's commit waits for every rank's part before the save fails (the previous
+    checkpoint stays valid)."""
 
 
 @dataclass(frozen=True)

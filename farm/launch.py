@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from farm import rundir
 from farm._hydra import hydra_entry, to_farm_config
 from farm.config import FarmConfig
-from farm.errors import ConfigError, DataError, PlanError
+from farm.errors import ConfigError, DataError
 from farm.plan import Plan, make_plan
 from farm.runtime.model import padded_vocab
 from farm.topology import Farm, load_farm
@@ -50,13 +50,7 @@ def choose_precision(cfg: FarmConfig, farm: Farm) -> str:
 
 def build_plan(cfg: FarmConfig, farm: Farm, *, vocab: int) -> Plan:
     model = dataclasses.replace(cfg.model, vocab_size=vocab)
-    plan = make_plan(model=model, train=cfg.train, parallel=cfg.parallel, farm=farm)
-    if plan.tp > 1 or plan.pp > 1:
-        raise PlanError(
-            f"the plan asks for tp={plan.tp} pp={plan.pp}, but this build trains data-parallel layouts only; "
-            "set parallel.tp=1 parallel.pp=1"
-        )
-    return plan
+    return make_plan(model=model, train=cfg.train, parallel=cfg.parallel, farm=farm)
 
 
 def write_plan(run_dir: Path, plan: Plan) -> None:

@@ -81,9 +81,26 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
     return _start_emulated_cluster(farm, cpus=cpus)
 
 
+def _loopback_only() -> None:
+    """Keep a private cluster on 127.0.0.1.
+
+    Ray turns a loopback address into the host's own address when a driver connects
+    (``resolve_ip_for_localhost``), which would miss raylets bound to 127.0.0.1. Ray's switch for
+    single-host clusters makes its address lookup answer loopback instead; the variable reaches the
+    processes Ray starts, and the constant this process read when it imported Ray.
+    """
+    import ray._private.ray_constants as constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants.ENABLE_RAY_CLUSTER = False
+
+
 def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
     import ray
     from ray.cluster_utils import Cluster
+
+    _loopback_only()
+    logging.getLogger("ray").setLevel(logging.WARNING)  # its notes on replaced cluster addresses
 
     # The head carries no farm node, so losing any farm node never takes the cluster down.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1",
@@ -93,5 +110,6 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
         handles[node.id] = cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node),
                                             node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, **_init_kwargs())
+    # The driver joins as a loopback node too, or it looks for a raylet on the host's address.
+    ray.init(address=cluster.address, _node_ip_address="127.0.0.1", **_init_kwargs())
     return RayHandle(address=cluster.address, started=True, cluster=cluster, node_handles=handles)

@@ -6,6 +6,7 @@ frozen dataclass; side concerns (checkpoint, stop, logging) are one call each wi
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -82,6 +83,12 @@ class Controller:
         self.last_checkpoint: int | None = None
         self.stop_signal: str | None = None
         self.failures = 0
+        # Names this attempt's in-progress checkpoint directories apart from a crashed attempt's.
+        self.attempt = f"{os.getpid()}-{int(time.time())}"
+        last = parts.plan.pp - 1
+        # Loss and norms are reported by the last pipeline stage.
+        self.reporter = next(r.rank for r in parts.plan.ranks
+                             if r.pp_rank == last and r.tp_rank == 0 and r.dp_rank == 0)
 
     # -- gates ---------------------------------------------------------------------------------------
 
@@ -106,11 +113,13 @@ class Controller:
             while not isinstance(state, Finished | Failed):
                 state = self._step(state)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            # Shut the workers down before giving the signals back: a second SIGTERM during the
+            # shutdown must not reach Ray's handler, which exits the driver mid-way.
             if self.group is not None:
                 self.group.shutdown(graceful=False)
                 self.group = None
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if isinstance(state, Failed):
             raise state.error
         return state
@@ -140,7 +149,7 @@ class Controller:
             "setup", timeout=p.run.startup_timeout_s, what="setting up workers", startup=True,
             master_addr=master, master_port=port, plan=p.plan.to_json(), model=p.model, train=p.train,
             data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
-            resume=state.resume_path, resume_step=state.resume_step,
+            resume=state.resume_path, resume_step=state.resume_step, attempt=self.attempt,
         )
         self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"],
                            pids=[i["pid"] for i in self.group.infos],
@@ -158,7 +167,7 @@ class Controller:
         reports = self.group.call("run_steps", 1, timeout=self.p.run.step_timeout_s,
                                   what=f"step {state.step + 1}")
         elapsed = time.perf_counter() - started
-        report = reports[0][-1]
+        report = reports[self.reporter][-1]
         self._log_step(report, elapsed)
         self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status", ranks=[0])[0])
         step = int(report["step"])

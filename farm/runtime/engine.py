@@ -1,32 +1,43 @@
-"""The optimizer step inside one worker: DeepSpeed ZeRO data parallelism around the GPT model.
+"""The optimizer step inside one worker: DeepSpeed ZeRO over the DP group, around a GPT that is
+tensor-parallel over the TP group and split into pipeline stages run with 1F1B.
 
-The math is layout-free (DESIGN.md invariant 2): the loss of a step is the mean over the G samples
-of the global batch, whatever the DP degree; each micro-batch's randomness is seeded from its global
-index, and the LR is a pure function of the step. State is exported as full tensors under logical
-names, so a checkpoint loads into any DP degree or ZeRO stage.
+The math is layout-free (DESIGN.md invariants 2 and 3): the loss of a step is the mean over the G
+samples of the global batch whatever (dp, tp, pp) is; each micro-batch's randomness is seeded from
+its global index; the LR is a pure function of the step; every logical tensor starts from the same
+values. State goes out and comes in as slices of logical tensors, so a checkpoint written by one
+layout loads into any other.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from farm.checkpoint import SliceEntry
 from farm.config import ModelConfig, TrainConfig
 from farm.data import MicroBatch
 from farm.errors import TrainingDiverged
+from farm.runtime.groups import DeepSpeedMPU, ParallelContext
 from farm.runtime.model import GPT
+from farm.runtime.pipeline import PipelineStage, run_pipeline_step
+from farm.runtime.tensor_parallel import ShardSpec, shard_specs
+
+OPTIM_KEYS = ("exp_avg", "exp_avg_sq")
+MAX_BLOCKS = 3
+"""Most blocks one rank's shard of a logical tensor has (q, k and v of the fused qkv weight)."""
 
 
 @dataclass(frozen=True)
 class StepResult:
     step: int
     loss: float
+    """Mean loss over the global batch; NaN on ranks outside the last pipeline stage."""
     grad_norm: float
     lr: float
     samples: int
@@ -63,33 +74,64 @@ def deepspeed_config(*, train: TrainConfig, micro_batch: int, grad_accum: int, d
     }
 
 
-class TrainEngine:
-    """One worker's model, optimizer and step function over its DP group."""
+def part_names(rank: int) -> list[str]:
+    """The tensor files one rank writes per checkpoint (one per shard block; some may be empty)."""
+    return [f"rank-{rank:05d}-b{k}" for k in range(MAX_BLOCKS)]
 
-    def __init__(self, *, model: ModelConfig, train: TrainConfig, vocab_size: int, dp: int, dp_rank: int,
+
+class TrainEngine:
+    """One worker's model shard, optimizer and step function."""
+
+    def __init__(self, *, model: ModelConfig, train: TrainConfig, vocab_size: int, ctx: ParallelContext,
                  micro_batch: int, grad_accum: int, zero_stage: int, precision: str, decay_steps: int,
                  device: torch.device) -> None:
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
-        self.train, self.dp, self.dp_rank = train, dp, dp_rank
-        self.grad_accum, self.zero_stage, self.decay_steps = grad_accum, zero_stage, decay_steps
-        torch.manual_seed(train.seed)  # identical initial weights on every rank and in every layout
-        module = GPT(model, vocab_size=vocab_size).to(device)
-        self.param_names = [n for n, _ in module.named_parameters()]
-        decay = [p for n, p in module.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in module.named_parameters() if p.dim() < 2]
+        self.model_cfg, self.train, self.ctx = model, train, ctx
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.zero_stage, self.decay_steps, self.device = zero_stage, decay_steps, device
+        module = GPT(model, vocab_size=vocab_size, tp_group=ctx.tp_group if ctx.tp > 1 else None,
+                     layers=ctx.layers, first=ctx.first_stage, last=ctx.last_stage, init_seed=train.seed).to(device)
+        self.specs: dict[str, ShardSpec] = shard_specs(module)
+        self._mark_for_deepspeed(module)
+        decay = [p for p in module.parameters() if p.dim() >= 2]
+        no_decay = [p for p in module.parameters() if p.dim() < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
         )
-        config = deepspeed_config(train=train, micro_batch=micro_batch, grad_accum=grad_accum, dp=dp,
+        config = deepspeed_config(train=train, micro_batch=micro_batch, grad_accum=grad_accum, dp=ctx.dp,
                                   zero_stage=zero_stage, precision=precision)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=config, dist_init_required=False
+            model=module, optimizer=optimizer, config=config, mpu=DeepSpeedMPU(ctx), dist_init_required=False
         )
-        self.device = device
+        if ctx.pp > 1:
+            # The pipeline runs the backward passes itself; gradients are reduced once per step.
+            self.engine.enable_backward_allreduce = False
         self.step = 0
+
+    def _mark_for_deepspeed(self, module: GPT) -> None:
+        """Tell DeepSpeed's gradient norm which tensors are split over TP and which are copies."""
+        for name, p in module.named_parameters():
+            spec = self.specs.get(name)
+            if spec is not None and spec.size > 1:
+                p.tensor_model_parallel = True  # type: ignore[attr-defined]
+        if self.tied_copy is not None:
+            self.tied_copy_param(module).ds_pipe_replicated = True  # type: ignore[attr-defined]
+
+    @property
+    def tied_copy(self) -> str | None:
+        """The last stage's copy of the tied embedding, when the model is split into stages."""
+        ctx = self.ctx
+        if self.model_cfg.tie_embeddings and ctx.pp > 1 and ctx.last_stage:
+            return "embed.weight"
+        return None
+
+    @staticmethod
+    def tied_copy_param(module: GPT) -> torch.nn.Parameter:
+        assert module.embed is not None
+        return module.embed.weight
 
     @property
     def module(self) -> GPT:
@@ -101,52 +143,93 @@ class TrainEngine:
             group["lr"] = lr
         return lr
 
+    def _seed(self, step: int, micro: int) -> None:
+        torch.manual_seed(micro_seed(self.train.seed, step, micro * self.ctx.dp + self.ctx.dp_rank))
+
     def train_step(self, batches: Iterator[MicroBatch]) -> StepResult:
-        """Run grad_accum micro-batches of the next step and the optimizer update."""
+        """Run the grad_accum micro-batches of the next step and the optimizer update."""
         step = self.step
         lr = self._set_lr(step)
-        total = torch.zeros((), dtype=torch.float64)
-        for _ in range(self.grad_accum):
-            mb = next(batches)
-            if mb.step != step:
-                raise RuntimeError(f"data stream is at step {mb.step}, engine at step {step}")
-            torch.manual_seed(micro_seed(self.train.seed, step, mb.micro * self.dp + self.dp_rank))
-            tokens = torch.from_numpy(mb.tokens).to(self.device)
-            loss = self.engine(tokens[:, :-1], tokens[:, 1:])
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().double().cpu()
-        # Mean over the global batch: every micro-batch holds the same number of tokens.
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_group)
-        mean = float(total) / (self.grad_accum * self.dp)
-        if not math.isfinite(mean):
-            raise TrainingDiverged(
-                f"loss is {mean} at step {step + 1}; the run stopped. Lower train.lr or train.grad_clip, "
-                "then resume from the last checkpoint"
-            )
+        micro = [next(batches) for _ in range(self.grad_accum)]
+        if any(mb.step != step for mb in micro):
+            raise RuntimeError(f"data stream is at step {micro[0].step}, engine at step {step}")
+        if self.ctx.pp == 1:
+            total = self._accumulate(micro, step)
+        else:
+            total = self._pipeline(micro, step)
+        mean = float("nan")
+        if self.ctx.last_stage:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ctx.dp_group)
+            mean = float(total) / (self.grad_accum * self.ctx.dp)
+            if not math.isfinite(mean):
+                raise TrainingDiverged(
+                    f"loss is {mean} at step {step + 1}; the run stopped. Lower train.lr or train.grad_clip, "
+                    "then resume from the last checkpoint"
+                )
         norm = self.engine.get_global_grad_norm()
         self.step = step + 1
         return StepResult(step=self.step, loss=mean, grad_norm=float(norm) if norm is not None else float("nan"),
                           lr=lr, samples=self.step * self.train.global_batch)
 
-    @property
-    def dp_group(self) -> Any:
-        return None  # DP is the whole world until tensor/pipeline parallelism adds groups
+    def _accumulate(self, micro: list[MicroBatch], step: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for mb in micro:
+            self._seed(step, mb.micro)
+            tokens = torch.from_numpy(mb.tokens).to(self.device)
+            loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().double().cpu()
+        return total
+
+    def _pipeline(self, micro: list[MicroBatch], step: int) -> torch.Tensor:
+        ctx, cfg = self.ctx, self.model_cfg
+        stage = PipelineStage(stage=ctx.pp_rank, stages=ctx.pp, prev_rank=ctx.prev_rank, next_rank=ctx.next_rank,
+                              act_shape=(self.micro_batch, cfg.seq_len, cfg.d_model), device=self.device)
+        module = self.module
+
+        def get_micro(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens = torch.from_numpy(micro[i].tokens).to(self.device)
+            return tokens[:, :-1], tokens[:, 1:]
+
+        def stage_fn(x: torch.Tensor, *, micro: int, targets: torch.Tensor | None) -> torch.Tensor:
+            self._seed(step, micro)
+            return module(x, targets)  # type: ignore[no-any-return]
+
+        losses = run_pipeline_step(stage=stage, stage_fn=stage_fn, get_micro=get_micro,
+                                   micro_batches=self.grad_accum, loss_scale=1.0 / self.grad_accum)
+        if cfg.tie_embeddings and (ctx.first_stage or ctx.last_stage):
+            grad = module.embed.weight.grad if module.embed is not None else None
+            assert grad is not None
+            dist.all_reduce(grad, group=ctx.embed_group)
+        engine = self.engine
+        engine._force_grad_boundary = True  # the pipeline's micro-batches are one accumulation
+        try:
+            if self.zero_stage:
+                # Gradients came from the pipeline's own backward passes, not from ZeRO's hooks;
+                # DeepSpeed's pipeline engine reduces them the same way.
+                self.optimizer.set_gradient_accumulation_boundary(True)
+                self.optimizer.reduce_gradients(pipeline_parallel=True)
+            else:
+                engine.allreduce_gradients()
+            engine._take_model_step(None)
+        finally:
+            engine._force_grad_boundary = False
+        if losses is None:
+            return torch.zeros((), dtype=torch.float64)
+        return losses.detach().double().sum().cpu()
 
     # -- layout-free state --------------------------------------------------------------------------
 
-    def _named(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.module.named_parameters())
+    def _torch_optimizer(self) -> torch.optim.Optimizer:
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return inner  # type: ignore[no-any-return]
 
     def _adam_step(self) -> int:
         for state in self._torch_optimizer().state.values():
             if "step" in state:
                 return int(state["step"])
         return 0
-
-    def _torch_optimizer(self) -> torch.optim.Optimizer:
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        return inner  # type: ignore[no-any-return]
 
     def _link_zero_state(self) -> None:
         """Make ZeRO's per-parameter views of the Adam moments valid for every param group.
@@ -165,28 +248,52 @@ class TrainEngine:
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
 
-    def export_state(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights and Adam moments by logical name. Collective: every rank must call it."""
+    def _full_local(self, p: torch.nn.Parameter, key: str | None) -> torch.Tensor:
+        """This rank's TP shard of a weight (key None) or Adam moment, whole over the DP group.
+
+        Collective over the DP group under ZeRO: every DP rank must ask for the same tensors.
+        """
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        out: dict[str, torch.Tensor] = {}
-        plain = self.zero_stage == 0
-        if not plain:
-            self._link_zero_state()
-        state = self._torch_optimizer().state
-        for name, p in self._named():
-            out[f"model/{name}"] = (p.detach() if plain else safe_get_full_fp32_param(p)).float().cpu()
-            for key in ("exp_avg", "exp_avg_sq"):
-                if plain:
-                    value = state[p][key] if key in state.get(p, {}) else torch.zeros_like(p)
-                else:
-                    value = safe_get_full_optimizer_state(p, key)
-                out[f"optim/{key}/{name}"] = value.float().cpu()
-        out["optim/step"] = torch.tensor([self._adam_step()], dtype=torch.int64)
-        return out
+        if self.zero_stage == 0:
+            # Copies: the save is written in the background while training changes these tensors.
+            if key is None:
+                return p.detach().float().clone()
+            state = self._torch_optimizer().state.get(p, {})
+            return state[key].float().clone() if key in state else torch.zeros_like(p, dtype=torch.float32)
+        value = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+        return value.float()
 
-    def import_state(self, read: Any, *, step: int) -> None:
-        """Load full tensors through ``read(name) -> Tensor``; works for any saved DP degree or stage."""
+    def export_state(self) -> dict[str, dict[str, SliceEntry]]:
+        """This rank's share of the checkpoint, by part name: slices of logical tensors.
+
+        Collective. Every tensor is written exactly once: TP shards by their TP rank, replicated
+        tensors by TP rank 0, the tied embedding by the first stage, and the tensors of one TP/PP
+        coordinate spread over its DP ranks (tensor j by DP rank j mod dp), so no rank gathers the
+        whole model and every rank writes in parallel.
+        """
+        if self.zero_stage:
+            self._link_zero_state()
+        ctx = self.ctx
+        parts: dict[str, dict[str, SliceEntry]] = {name: {} for name in part_names(ctx.rank)}
+        names = part_names(ctx.rank)
+        for j, (name, p) in enumerate(self.module.named_parameters()):
+            values = {f"model/{name}": self._full_local(p, None)}
+            for key in OPTIM_KEYS:
+                values[f"optim/{key}/{name}"] = self._full_local(p, key)
+            spec = self.specs.get(name)
+            mine = j % ctx.dp == ctx.dp_rank and name != self.tied_copy
+            if not mine or ((spec is None or spec.size == 1) and ctx.tp_rank != 0):
+                continue
+            for logical, value in values.items():
+                for k, entry in enumerate(_slices(value.cpu(), spec)):
+                    parts[names[k]][logical] = entry
+        if ctx.rank == 0:
+            parts[names[0]]["optim/step"] = SliceEntry.full(torch.tensor([self._adam_step()], dtype=torch.int64))
+        return parts
+
+    def import_state(self, read: Callable[..., torch.Tensor], *, step: int) -> None:
+        """Load this rank's shards through ``read(name, index)``, whatever layout wrote them."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         plain = self.zero_stage == 0
@@ -195,15 +302,16 @@ class TrainEngine:
             self._link_zero_state()
         state = self._torch_optimizer().state
         with torch.no_grad():
-            for name, p in self._named():
-                weight = read(f"model/{name}")
+            for name, p in self.module.named_parameters():
+                spec = self.specs.get(name)
+                weight = _read_local(read, f"model/{name}", spec)
                 p.copy_(weight.to(p.dtype))  # the working copy, used by the next forward
                 if plain:
                     state[p] = {"step": torch.tensor(float(adam_step))}
                 else:
                     safe_set_full_fp32_param(p, weight.float())  # ZeRO's fp32 master partition
-                for key in ("exp_avg", "exp_avg_sq"):
-                    value = read(f"optim/{key}/{name}")
+                for key in OPTIM_KEYS:
+                    value = _read_local(read, f"optim/{key}/{name}", spec)
                     if plain:
                         state[p][key] = value.to(p.dtype).clone()
                     else:
@@ -214,3 +322,29 @@ class TrainEngine:
         self.engine.global_steps = step
         self.engine.global_samples = step * self.train.global_batch
         self.step = step
+
+
+def _slices(value: torch.Tensor, spec: ShardSpec | None) -> list[SliceEntry]:
+    """A local tensor as slices of its logical tensor, one per shard block."""
+    if spec is None or spec.size == 1:
+        return [SliceEntry.full(value.contiguous())]
+    global_shape = spec.global_shape(value.shape)
+    out = []
+    for local_start, global_start, length in spec.blocks():
+        piece = value.narrow(spec.dim, local_start, length).contiguous()
+        offsets = [0] * value.dim()
+        offsets[spec.dim] = global_start
+        out.append(SliceEntry(tensor=piece, global_shape=global_shape, offsets=tuple(offsets)))
+    return out
+
+
+def _read_local(read: Callable[..., torch.Tensor], name: str, spec: ShardSpec | None) -> torch.Tensor:
+    """This rank's shard of logical tensor ``name``: only the blocks it holds are read."""
+    if spec is None or spec.size == 1:
+        return read(name)
+    pieces = []
+    for _, global_start, length in spec.blocks():
+        index = [slice(None)] * (spec.dim + 1)
+        index[spec.dim] = slice(global_start, global_start + length)
+        pieces.append(read(name, tuple(index)))
+    return torch.cat(pieces, dim=spec.dim)

@@ -74,22 +74,26 @@ class Worker:
 
     def setup(self, *, master_addr: str, master_port: int, plan: dict[str, Any], model: ModelConfig,
               train: TrainConfig, data: DataConfig, vocab_size: int, decay_steps: int, precision: str,
-              resume: str | None, resume_step: int) -> dict[str, Any]:
-        """Join the process group, build the engine, load a checkpoint, open the data stream."""
+              resume: str | None, resume_step: int, attempt: str) -> dict[str, Any]:
+        """Join the process group, derive the layout's groups, build the engine, load a checkpoint,
+        open the data stream."""
         from farm.data import ArrowShardSource, BatchLayout, GlobalOrder, MicroBatchStream, load_manifest
+        from farm.plan import Plan
         from farm.runtime.engine import TrainEngine
+        from farm.runtime.groups import build_context
 
         spec = self.spec
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(spec.rank),
                           WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0")
         dist.init_process_group(spec.backend, init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=spec.rank, world_size=spec.world_size)
-        dp, dp_rank = int(plan["dp"]), spec.rank  # DP-only layouts until TP/PP groups come from the plan
+        layout = Plan.from_json(plan)
+        self.ctx = build_context(layout, spec.rank)
+        self.world, self.attempt = spec.world_size, attempt
         self.engine = TrainEngine(
-            model=model, train=train, vocab_size=vocab_size, dp=dp, dp_rank=dp_rank,
-            micro_batch=int(plan["micro_batch"]), grad_accum=int(plan["grad_accum"]),
-            zero_stage=int(plan["zero_stage"]), precision=precision, decay_steps=decay_steps,
-            device=torch.device(spec.torch_device),
+            model=model, train=train, vocab_size=vocab_size, ctx=self.ctx, micro_batch=layout.micro_batch,
+            grad_accum=layout.grad_accum, zero_stage=layout.zero_stage, precision=precision,
+            decay_steps=decay_steps, device=torch.device(spec.torch_device),
         )
         if resume is not None:
             self._load(resume, resume_step)
@@ -97,19 +101,20 @@ class Worker:
         self.stream = MicroBatchStream(
             ArrowShardSource(data.dir, manifest),
             GlobalOrder(manifest.total_rows, train.seed, manifest.fingerprint),
-            BatchLayout(global_batch=train.global_batch, micro_batch=int(plan["micro_batch"]),
-                        dp_size=dp, dp_rank=dp_rank),
+            BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
+                        dp_size=self.ctx.dp, dp_rank=self.ctx.dp_rank),
             start_step=self.engine.step, prefetch=data.prefetch,
         )
         self._iter = iter(self.stream)
-        return {"rank": spec.rank, "step": self.engine.step, "params": self.engine.module.num_params()}
+        return {"rank": spec.rank, "step": self.engine.step, "params": self.engine.module.num_params(),
+                "stage": self.ctx.pp_rank, "layers": [self.ctx.layers.start, self.ctx.layers.stop]}
 
     def _load(self, path: str, step: int) -> None:
         from farm.checkpoint import CheckpointInfo, open_checkpoint
 
         # The driver verified the checksums when it chose this checkpoint; reading trusts that.
-        reader = open_checkpoint(CheckpointInfo(step=step, path=Path(path)), verify=False)
-        self.engine.import_state(reader.read, step=step)
+        with open_checkpoint(CheckpointInfo(step=step, path=Path(path)), verify=False) as reader:
+            self.engine.import_state(reader.read, step=step)
 
     def run_steps(self, n: int) -> list[dict[str, Any]]:
         """Train n optimizer steps; returns one report per step."""
@@ -123,24 +128,28 @@ class Worker:
     # -- checkpoints --------------------------------------------------------------------------------
 
     def save(self, *, root: str, step: int, meta: dict[str, Any], cfg: CheckpointConfig) -> None:
-        """Gather full tensors (collective), then rank 0 writes and commits, in the background if async.
+        """Snapshot this rank's slices (collective), then write them, in the background if async.
 
-        At most one save is in flight: a new one first waits for the previous, never overlaps it.
+        Every rank writes its own parts in parallel; rank 0 commits once every part is in. At most
+        one save is in flight: a new one first waits for the previous, never overlaps it.
         """
+        from farm.runtime.engine import part_names
+
         self.wait_save()
-        tensors = self.engine.export_state()
-        if self.spec.rank != 0:
-            return
+        parts = self.engine.export_state()
+        rank, world, attempt = self.spec.rank, self.world, self.attempt
 
         def write() -> None:
-            from farm.checkpoint import CheckpointStore, SliceEntry
+            from farm.checkpoint import CheckpointStore
 
             store = CheckpointStore(Path(root), keep_last=cfg.keep_last, keep_every=cfg.keep_every)
-            store.begin(step)
-            entries = {name: SliceEntry.full(t) for name, t in tensors.items()}
-            store.write_part(step, "rank-00000", entries)
-            store.commit(step, meta)
-            self._committed.append(step)
+            store.begin(step, nonce=attempt)
+            for part, entries in parts.items():
+                store.write_part(step, part, entries)
+            if rank == 0:
+                expected = [name for r in range(world) for name in part_names(r)]
+                store.commit(step, meta, parts=expected, timeout_s=cfg.commit_timeout_s)
+                self._committed.append(step)
 
         if cfg.async_save:
             self._save_thread = threading.Thread(target=self._guard(write), name=f"ckpt-{step}", daemon=True)
