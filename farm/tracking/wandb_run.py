@@ -11,6 +11,7 @@ import os
 import re
 import secrets
 import string
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,20 @@ class WandbRun:
         self._run = run
         self._wandb = wandb
         self.id: str = run.id
+        self.lost: str | None = None
+        """Why W&B stopped answering, once it has; the run goes on with the jsonl files only."""
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Call W&B unless it is lost. A scheduler's job-wide SIGTERM kills W&B's own service
+        process; training must not fail for that, so the first error is reported and W&B dropped."""
+        if self.lost is not None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:
+            self.lost = f"{type(err).__name__}: {err}"
+            print(f"warning: W&B stopped answering during {what} ({self.lost}); metrics.jsonl and "
+                  "events.jsonl go on, W&B gets nothing more from this attempt", file=sys.stderr)
 
     @classmethod
     def start(
@@ -124,10 +139,10 @@ class WandbRun:
         # W&B drops rows whose step is below its current one (a replayed step after an in-process
         # re-plan); metrics.jsonl keeps the replayed values, W&B the first ones, which by the
         # layout-invariance of the math are the same up to reduction order.
-        self._run.log(data, step=step)
+        self._call("log", self._run.log, data, step=step)
 
     def update_summary(self, fields: dict[str, Any]) -> None:
-        self._run.summary.update(fields)
+        self._call("the summary", self._run.summary.update, fields)
 
     def log_events(self, rows: list[dict[str, Any]]) -> None:
         """This attempt's events as one table (W&B tables are immutable, so it is logged once)."""
@@ -143,7 +158,8 @@ class WandbRun:
             ]
             for row in rows
         ]
-        self._run.log({"events": self._wandb.Table(columns=columns, data=data)})
+        self._call("the events table", lambda: self._run.log({"events": self._wandb.Table(columns=columns,
+                                                                                     data=data)}))
 
     def finish(self, *, exit_code: int) -> None:
-        self._run.finish(exit_code=exit_code)
+        self._call("finish", self._run.finish, exit_code=exit_code)

@@ -87,3 +87,48 @@ def test_restarts_log_to_the_same_offline_run(tmp_path: Path, capfd: pytest.Capt
     # W&B's own banners and sync hints stay off the user's terminal.
     captured = capfd.readouterr()
     assert "wandb" not in (captured.out + captured.err).lower()
+
+
+def test_a_lost_wandb_service_does_not_stop_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A scheduler's job-wide SIGTERM kills W&B's service process; the run keeps its jsonl files."""
+    import os
+    import signal
+
+    cfg = TrackingConfig(wandb=True, mode="offline", console=False)
+    tracker = Tracker(cfg, run_dir=tmp_path, run_name="t", config={}, total_steps=3, start_step=0)
+    assert tracker.wandb is not None
+    service = [p for p in _children() if "wandb" in _cmdline(p)]
+    assert service, "W&B offline runs its own service process"
+    for pid in service:
+        os.kill(pid, signal.SIGKILL)
+    for step in (1, 2, 3):
+        tracker.step(StepMetrics(step=step, loss=1.0, lr=0.1, tokens=8, samples=step, step_time_s=0.1,
+                                 grad_norm=1.0, layout={"dp": 1, "tp": 1, "pp": 1}, tokens_per_s=80.0))
+    tracker.event("end", step=3)
+    tracker.close()
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3]
+    assert tracker.wandb.lost is not None
+    assert "W&B stopped answering" in capsys.readouterr().err
+
+
+def _children() -> list[int]:
+    import os
+
+    me = str(os.getpid())
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().split()
+            except OSError:
+                continue
+            if stat[3] == me:
+                out.append(int(entry))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
