@@ -86,9 +86,9 @@ def test_run_dir_of_another_config_is_refused_and_kept(tiny_data: Path, tmp_path
     assert json.loads((run_dir / "farm.json").read_text()) == identity
 
 
-def test_tensor_parallel_is_refused_until_the_runtime_supports_it(tiny_data: Path, tmp_path: Path) -> None:
-    err = refused(tmp_path, "+topology=local", f"data.dir={tiny_data}", *BASE, "parallel.tp=2", "run.dir=runs/x")
-    assert "parallel.tp=1" in err and "Traceback" not in err
+def test_tensor_parallel_larger_than_the_farm_is_refused(tiny_data: Path, tmp_path: Path) -> None:
+    err = refused(tmp_path, "+topology=local", f"data.dir={tiny_data}", *BASE, "parallel.tp=4", "run.dir=runs/x")
+    assert "parallel.tp" in err and "Traceback" not in err
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
