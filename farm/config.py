@@ -87,6 +87,9 @@ class DataConfig:
     of ~256K tokens; 0: no thread)."""
     verify_checksums: bool = True
     """Check every shard's sha256 against the manifest before training starts."""
+    ledger: bool = False
+    """Record the sample ids every data-parallel rank trains on, per step, in run_dir/ledger/
+    (an audit trail that no sample is lost or repeated across failures and re-layouts)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 from farm.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from farm.controller.policy import AbortPolicy, FailureContext, FailurePolicy
 from farm.controller.worker_group import WorkerFailed, WorkerGroup
-from farm.errors import FarmError, Preempted, WorkerFailure
+from farm.errors import CheckpointError, FarmError, Preempted, WorkerFailure
 from farm.plan import Plan
 from farm.topology import Farm
 from farm.tracking import StepMetrics, Tracker
@@ -83,6 +83,7 @@ class Controller:
         self.last_checkpoint: int | None = None
         self.stop_signal: str | None = None
         self.failures = 0
+        self.last_save_error: str | None = None
         # Names this attempt's in-progress checkpoint directories apart from a crashed attempt's.
         self.attempt = f"{os.getpid()}-{int(time.time())}"
         last = parts.plan.pp - 1
@@ -169,7 +170,7 @@ class Controller:
         elapsed = time.perf_counter() - started
         report = reports[self.reporter][-1]
         self._log_step(report, elapsed)
-        self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status", ranks=[0])[0])
+        self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
         step = int(report["step"])
         if self.should_checkpoint(step):
             self._save(step)
@@ -200,20 +201,31 @@ class Controller:
         self.group.call("save", timeout=self.p.run.step_timeout_s, what=f"checkpoint at step {step}",
                         root=root, step=step, meta=meta, cfg=self.p.checkpoint)
 
-    def _note_commits(self, steps: list[int]) -> None:
-        for step in steps:
+    def _note_commits(self, outcomes: list[dict[str, list[Any]]]) -> None:
+        """Log what the ranks' background saves committed (rank 0 commits) or failed to write."""
+        for step in outcomes[0]["committed"]:
             self.last_checkpoint = step
             self.tracker.event("checkpoint", step=step,
                                path=str(self.p.run_dir / "checkpoints" / f"step-{step:08d}"))
+        for message in dict.fromkeys(m for outcome in outcomes for m in outcome["failed"]):
+            # A failed save (a full disk, say) leaves the previous checkpoint valid; training goes on.
+            self.last_save_error = message
+            self.tracker.event("checkpoint_failed", last_valid=self.last_checkpoint, detail=message)
 
     def _finish(self, state: Finishing) -> State:
         assert self.group is not None
         if self.last_checkpoint != state.step:
             self._save(state.step)
-        self._note_commits(self.group.call("wait_save", timeout=self.p.run.step_timeout_s,
-                                           what="finishing the last checkpoint", ranks=[0])[0])
+        self._note_commits(self.group.call("wait_save", timeout=self.p.run.step_timeout_s + self.p.checkpoint.commit_timeout_s,
+                                           what="finishing the last checkpoint"))
         self.group.shutdown(graceful=True)
         self.group = None
+        if self.last_checkpoint != state.step:
+            return Failed(step=state.step, error=CheckpointError(
+                f"training reached step {state.step} but its checkpoint could not be written "
+                f"({self.last_save_error}); the newest valid checkpoint is step {self.last_checkpoint}. "
+                f"Free space under {self.p.run_dir / 'checkpoints'} and re-run the same command to resume"
+            ))
         if state.reason not in ("done", "stop_after_step"):
             self.tracker.event("preempt", step=state.step, signal=state.reason)
         return Finished(step=state.step, reason=state.reason)

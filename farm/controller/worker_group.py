@@ -86,7 +86,7 @@ class WorkerGroup:
             spec = specs[r.node]
             wspec = WorkerSpec(rank=r.rank, world_size=world, torch_device=spec.torch_device,
                                backend=spec.backend, ds_accelerator=spec.ds_accelerator, run_dir=run_dir,
-                               threads=threads)
+                               threads=threads, torch_module=spec.torch_module)
             strategy_obj = PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=nodes.index(r.node))
             env = {"DS_ACCELERATOR": spec.ds_accelerator, "OMP_NUM_THREADS": str(threads)}

@@ -6,6 +6,7 @@ is one call from the driver, so the driver always knows which step every worker 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from farm.config import CheckpointConfig, DataConfig, ModelConfig, TrainConfig
+from farm.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class WorkerSpec:
     ds_accelerator: str
     run_dir: str
     threads: int
+    torch_module: str | None = None
+    """The module that gives torch this device kind (torch_npu for Ascend); imported only here."""
 
 
 def free_port() -> int:
@@ -51,17 +55,62 @@ def _redirect_logs(run_dir: str, rank: int) -> None:
     logging.basicConfig(stream=stream, level=logging.INFO, force=True)
 
 
+def import_device_module(name: str | None) -> None:
+    """Import the torch extension of a device kind (e.g. torch_npu), only where that kind runs."""
+    if name is None:
+        return
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        from farm.errors import StartupFailure
+
+        raise StartupFailure(
+            f"this worker's accelerator needs the Python module {name!r}, which is not installed on "
+            f"{socket.gethostname()} ({err}); install the vendor's torch extension there"
+        ) from err
+
+
+class _Ledger:
+    """Appends what a DP rank trained on, one JSON line per step: global positions in the sample
+    order and the sample ids at those positions."""
+
+    def __init__(self, run_dir: str, layout: Any) -> None:
+        path = Path(run_dir) / "ledger"
+        path.mkdir(parents=True, exist_ok=True)
+        self.file = open(path / f"dp-{layout.dp_rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115 - worker lifetime
+        self.layout = layout
+        self.positions: list[int] = []
+        self.samples: list[int] = []
+
+    def wrap(self, batches: Any) -> Any:
+        for mb in batches:
+            self.positions.extend(int(p) for p in self.layout.positions(mb.step, mb.micro))
+            self.samples.extend(int(i) for i in mb.sample_ids)
+            yield mb
+
+    def commit(self, step: int) -> None:
+        import json
+
+        row = {"step": step, "dp_rank": self.layout.dp_rank, "positions": self.positions, "samples": self.samples}
+        self.file.write(json.dumps(row) + "\n")
+        self.positions, self.samples = [], []
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         _redirect_logs(spec.run_dir, spec.rank)
         os.environ["DS_ACCELERATOR"] = spec.ds_accelerator
+        import_device_module(spec.torch_module)
         torch.set_num_threads(spec.threads)
         self.engine: Any = None
         self.stream: Any = None
+        self.ledger: _Ledger | None = None
         self._save_thread: threading.Thread | None = None
-        self._save_error: BaseException | None = None
         self._committed: list[int] = []
+        self._failed: list[str] = []
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -89,6 +138,8 @@ class Worker:
                                 rank=spec.rank, world_size=spec.world_size)
         layout = Plan.from_json(plan)
         self.ctx = build_context(layout, spec.rank)
+        if layout.activation_checkpointing and not model.activation_checkpointing:
+            model = dataclasses.replace(model, activation_checkpointing=True)  # the planner needs it to fit
         self.world, self.attempt = spec.world_size, attempt
         self.engine = TrainEngine(
             model=model, train=train, vocab_size=vocab_size, ctx=self.ctx, micro_batch=layout.micro_batch,
@@ -98,14 +149,17 @@ class Worker:
         if resume is not None:
             self._load(resume, resume_step)
         manifest = load_manifest(data.dir, verify=False)
+        batches = BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
+                              dp_size=self.ctx.dp, dp_rank=self.ctx.dp_rank)
         self.stream = MicroBatchStream(
             ArrowShardSource(data.dir, manifest),
             GlobalOrder(manifest.total_rows, train.seed, manifest.fingerprint),
-            BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
-                        dp_size=self.ctx.dp, dp_rank=self.ctx.dp_rank),
-            start_step=self.engine.step, prefetch=data.prefetch,
+            batches, start_step=self.engine.step, prefetch=data.prefetch,
         )
         self._iter = iter(self.stream)
+        if data.ledger and self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
+            self.ledger = _Ledger(spec.run_dir, batches)
+            self._iter = self.ledger.wrap(self._iter)
         return {"rank": spec.rank, "step": self.engine.step, "params": self.engine.module.num_params(),
                 "stage": self.ctx.pp_rank, "layers": [self.ctx.layers.start, self.ctx.layers.stop]}
 
@@ -118,10 +172,11 @@ class Worker:
 
     def run_steps(self, n: int) -> list[dict[str, Any]]:
         """Train n optimizer steps; returns one report per step."""
-        self._raise_save_error()
         reports = []
         for _ in range(n):
             result = self.engine.train_step(self._iter)
+            if self.ledger is not None:
+                self.ledger.commit(result.step)
             reports.append(asdict(result))
         return reports
 
@@ -156,37 +211,33 @@ class Worker:
             self._save_thread.start()
         else:
             self._guard(write)()
-            self._raise_save_error()
 
     def _guard(self, fn: Any) -> Any:
         def run() -> None:
             try:
                 fn()
-            except BaseException as err:  # surfaced to the driver on the next call
-                self._save_error = err
+            except CheckpointError as err:  # reported to the driver; training goes on
+                self._failed.append(str(err))
 
         return run
 
-    def _raise_save_error(self) -> None:
-        if self._save_error is not None:
-            err, self._save_error = self._save_error, None
-            raise err
-
-    def wait_save(self) -> list[int]:
-        """Block until the background save is done; returns the steps committed since the last call."""
+    def wait_save(self) -> dict[str, list[Any]]:
+        """Block until the background save is done; what was committed or failed since the last call."""
         if self._save_thread is not None:
             self._save_thread.join()
             self._save_thread = None
-        self._raise_save_error()
-        done, self._committed = self._committed, []
-        return done
+        return self._outcomes()
 
-    def committed(self) -> list[int]:
-        """Steps committed since the last call, without waiting."""
+    def committed(self) -> dict[str, list[Any]]:
+        """What was committed or failed since the last call, without waiting."""
         if self._save_thread is not None and not self._save_thread.is_alive():
             return self.wait_save()
-        done, self._committed = self._committed, []
-        return done
+        return self._outcomes()
+
+    def _outcomes(self) -> dict[str, list[Any]]:
+        done, failed = self._committed, self._failed
+        self._committed, self._failed = [], []
+        return {"committed": done, "failed": failed}
 
     def shutdown(self) -> None:
         self.wait_save()

@@ -1,0 +1,58 @@
+"""A Ray cluster shaped like the emulated farms, shared by the tests that train many layouts.
+
+Three raylets on 127.0.0.1 carry the resources of `local-farm`'s three nodes; the first also
+carries `local`'s node, so runs on either topology place on it. Sharing it saves each run the
+cluster's start-up; every run still starts its own workers and tears them down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from farm._hydra import compose_from_argv
+from farm.launch import train
+from farm.topology import load_farm
+
+
+def _farm(name: str):  # type: ignore[no-untyped-def]
+    cfg, _ = compose_from_argv([f"+topology={name}"])
+    return load_farm(cfg.topology)
+
+
+@pytest.fixture(scope="session")
+def farm_cluster() -> Iterator[str]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from farm.controller.cluster import _loopback_only
+
+    _loopback_only()
+    local, multi = _farm("local"), _farm("local-farm")
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    for i, node in enumerate(multi.nodes):
+        resources = dict(multi.node_resources(node))
+        if i == 0:
+            resources.update(local.node_resources(local.nodes[0]))
+        cluster.add_node(num_cpus=2, resources=resources, node_ip_address="127.0.0.1")
+    cluster.wait_for_nodes()
+    yield cluster.address
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+def run_farm(run_dir: Path, *, data: Path, address: str, topology: str = "local", dp: int = 1, tp: int = 1,
+             pp: int = 1, steps: int = 10, extra: tuple[str, ...] = ()) -> int:
+    """Train (or resume) in-process on the shared cluster; returns the exit code."""
+    cfg, raw = compose_from_argv([
+        f"+topology={topology}", f"data.dir={data}", "model.seq_len=64", "model.n_layers=3",
+        "train.global_batch=16", "train.micro_batch=4", "parallel.micro_batch=4", "train.warmup_steps=3",
+        f"train.steps={steps}", "checkpoint.every=5", "tracking.wandb=false", "tracking.console=false",
+        f"parallel.dp={dp}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"run.ray_address={address}",
+        f"run.dir={run_dir}", *extra,
+    ])
+    return train(cfg, run_dir=run_dir, topology_file=raw["topology_file"])

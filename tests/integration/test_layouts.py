@@ -1,0 +1,100 @@
+"""The bar of the 3D runtime and of layout-free checkpoints: same math in every layout.
+
+Every (DP, TP, PP) layout trains the same samples with the same global batch, and its loss at each
+of the first 10 steps matches the single-process run within 1e-4 relative. A checkpoint written
+at layout A at step 5 resumes at layout B, and steps 6..10 match the uninterrupted run at A.
+The model has 3 blocks, so PP=2 splits them unevenly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from farm.tracking import read_events, read_metrics
+from tests.integration.conftest import run_farm
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+LAYOUTS = {
+    "base": ("local", 1, 1, 1),
+    "dp2": ("local", 2, 1, 1),
+    "tp2": ("local", 1, 2, 1),
+    "pp2": ("local", 1, 1, 2),
+    "dp2tp2": ("local-farm", 2, 2, 1),
+    "tp2pp2": ("local-farm", 1, 2, 2),
+    "dp2pp2": ("local-farm", 2, 1, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tiny_data: Path, farm_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layouts")
+    out = {}
+    for name, (topology, dp, tp, pp) in LAYOUTS.items():
+        out[name] = root / name
+        assert run_farm(out[name], data=tiny_data, address=farm_cluster, topology=topology, dp=dp, tp=tp,
+                        pp=pp) == 0
+    return out
+
+
+def losses(run_dir: Path) -> np.ndarray:
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    return np.array([r["loss"] for r in rows])
+
+
+@pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "base"])
+def test_every_layout_matches_the_single_process_run(layout_runs: dict[str, Path], name: str) -> None:
+    np.testing.assert_allclose(losses(layout_runs[name]), losses(layout_runs["base"]), rtol=1e-4)
+    _, dp, tp, pp = LAYOUTS[name]
+    assert read_metrics(layout_runs[name])[0]["layout"] == {"dp": dp, "tp": tp, "pp": pp}
+
+
+def test_the_loss_falls(layout_runs: dict[str, Path]) -> None:
+    loss = losses(layout_runs["base"])
+    assert loss[-1] < loss[0] - 0.3
+
+
+def test_pipeline_split_is_uneven_and_follows_the_plan(layout_runs: dict[str, Path]) -> None:
+    import json
+
+    plan = json.loads((layout_runs["pp2"] / "plan.json").read_text())
+    assert sorted(plan["layer_split"]) == [1, 2]
+
+
+def resume_elsewhere(source: Path, target: Path, *, data: Path, address: str, layout: tuple[str, int, int, int],
+                     extra: tuple[str, ...] = ()) -> np.ndarray:
+    """Take layout A's run directory as it was at step 5 and continue it to step 10 at layout B."""
+    shutil.copytree(source, target)
+    shutil.rmtree(target / "checkpoints" / "step-00000010")
+    topology, dp, tp, pp = layout
+    assert run_farm(target, data=data, address=address, topology=topology, dp=dp, tp=tp, pp=pp, extra=extra) == 0
+    resumes = [e for e in read_events(target) if e["event"] == "resume"]
+    assert resumes[-1]["step"] == 5
+    rows = read_metrics(target)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert rows[-1]["layout"] == {"dp": dp, "tp": tp, "pp": pp}
+    return np.array([r["loss"] for r in rows])
+
+
+@pytest.mark.parametrize(
+    ("source", "layout", "extra"),
+    [
+        ("dp2", ("local", 1, 2, 1), ()),                  # DP2 -> DP1 TP2
+        ("tp2pp2", ("local", 2, 1, 1), ()),               # TP2 PP2 -> DP2
+        ("pp2", ("local", 1, 1, 1), ()),                  # PP2 -> PP1
+        ("dp2", ("local", 2, 1, 1), ("parallel.zero_stage=2",)),  # ZeRO-1 -> ZeRO-2
+    ],
+    ids=["dp2-to-tp2", "tp2pp2-to-dp2", "pp2-to-pp1", "zero1-to-zero2"],
+)
+def test_resume_into_another_layout_continues_the_same_curve(
+    layout_runs: dict[str, Path], tiny_data: Path, farm_cluster: str, tmp_path: Path, source: str,
+    layout: tuple[str, int, int, int], extra: tuple[str, ...],
+) -> None:
+    resumed = resume_elsewhere(layout_runs[source], tmp_path / "resumed", data=tiny_data, address=farm_cluster,
+                               layout=layout, extra=extra)
+    np.testing.assert_allclose(resumed[5:], losses(layout_runs[source])[5:], rtol=1e-4)
