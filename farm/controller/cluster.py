@@ -75,8 +75,11 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
         )
     cpus = os.cpu_count() or 1
     if len(farm.nodes) == 1:
-        ray.init(num_cpus=cpus, resources=farm.node_resources(farm.nodes[0]), _node_ip_address="127.0.0.1",
-                 **_init_kwargs())
+        resources = dict(farm.node_resources(farm.nodes[0]))
+        # Ray counts GPUs itself and takes them as num_gpus, never among the custom resources.
+        gpus = resources.pop("GPU", None)
+        ray.init(num_cpus=cpus, num_gpus=None if gpus is None else int(gpus), resources=resources,
+                 _node_ip_address="127.0.0.1", **_init_kwargs())
         return RayHandle(address=None, started=True)
     return _start_emulated_cluster(farm, cpus=cpus)
 

@@ -134,6 +134,9 @@ class Worker:
         spec = self.spec
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(spec.rank),
                           WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0")
+        if spec.torch_device != "cpu":
+            # Ray shows each worker only its own device, as index 0.
+            getattr(torch, spec.torch_device).set_device(0)
         dist.init_process_group(spec.backend, init_method=f"tcp://{master_addr}:{master_port}",
                                 rank=spec.rank, world_size=spec.world_size)
         layout = Plan.from_json(plan)
