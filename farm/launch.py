@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from farm import rundir
 from farm._hydra import hydra_entry, to_farm_config
 from farm.config import FarmConfig
-from farm.errors import ConfigError, DataError
+from farm.errors import ConfigError, DataError, PlanError
 from farm.plan import Plan, make_plan
 from farm.runtime.model import padded_vocab
 from farm.topology import Farm, load_farm
@@ -50,7 +50,14 @@ def choose_precision(cfg: FarmConfig, farm: Farm) -> str:
 
 def build_plan(cfg: FarmConfig, farm: Farm, *, vocab: int) -> Plan:
     model = dataclasses.replace(cfg.model, vocab_size=vocab)
-    return make_plan(model=model, train=cfg.train, parallel=cfg.parallel, farm=farm)
+    plan = make_plan(model=model, train=cfg.train, parallel=cfg.parallel, farm=farm)
+    if plan.zero_stage == 3:
+        raise PlanError(
+            "the plan uses ZeRO stage 3, which this runtime does not run yet (stages 0, 1 and 2 do); "
+            "set parallel.zero_stage=2, or add tensor/pipeline parallelism (parallel.tp, parallel.pp) so "
+            "the model fits without it"
+        )
+    return plan
 
 
 def write_plan(run_dir: Path, plan: Plan) -> None:

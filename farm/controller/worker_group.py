@@ -131,6 +131,12 @@ class WorkerGroup:
                 cause = err.cause
                 if isinstance(cause, FarmError):
                     raise cause from None
+                # A peer that died makes the others' collectives fail first: blame it, not them.
+                lost = self._find_lost(pending, refs)
+                if lost is not None:
+                    raise self._error(StartupFailure if startup else WorkerFailed,
+                                      f"{what}: worker rank {lost.rank} on node {lost.node} died ({lost.detail})",
+                                      lost) from None
                 fault = WorkerFault(rank=rank, node=node, kind="error", detail=f"{type(cause).__name__}: {cause}")
                 raise self._error(StartupFailure if startup else WorkerFailed,
                                   f"{what}: worker rank {rank} on node {node} failed: {fault.detail} "
@@ -138,6 +144,32 @@ class WorkerGroup:
             except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
                 continue
         return [results[r] for r in sorted(results)]
+
+    def _find_lost(self, pending: list[Any], refs: dict[Any, int], timeout: float = 20.0) -> WorkerFault | None:
+        """A worker whose node Ray reports dead, or whose part of the same call ended with the
+        actor's death; None if neither shows up within ``timeout``."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        node_ids = {rank: info["node_id"] for rank, info in enumerate(getattr(self, "infos", []))}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+            for rank in sorted(r for r, node_id in node_ids.items() if node_id in dead):
+                return WorkerFault(rank=rank, node=self.node_of[rank], kind="died", detail="its node was lost")
+            if pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except RayActorError as err:
+                        return WorkerFault(rank=refs[ref], node=self.node_of[refs[ref]], kind="died",
+                                           detail=_first_line(err))
+                    except Exception:  # another collateral failure; keep looking
+                        continue
+            else:
+                time.sleep(1.0)
+        return None
 
     @staticmethod
     def _error(cls: type[FarmError], message: str, fault: WorkerFault) -> FarmError:

@@ -95,3 +95,9 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     result = launch(tmp_path, "+topology=local", "--cfg", "job", timeout=60)
     assert result.returncode == 0, result.stderr
     assert "gpt-tiny" in result.stdout and "emulate: cpu" in result.stdout
+
+
+def test_zero_stage_3_is_refused_with_what_to_use(tiny_data: Path, tmp_path: Path) -> None:
+    err = refused(tmp_path, "+topology=local", f"data.dir={tiny_data}", *BASE, "parallel.zero_stage=3",
+                  "run.dir=runs/x")
+    assert "ZeRO stage 3" in err and "parallel.zero_stage=2" in err and "Traceback" not in err

@@ -83,3 +83,20 @@ def test_a_full_disk_fails_the_save_clearly_and_training_goes_on(tiny_data: Path
     assert failed and all("No space left on device" in e["detail"] for e in failed)
     latest = CheckpointStore(small_disk, keep_last=3).latest_valid()
     assert latest is not None and latest.step == 4
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_and_the_previous_used(tiny_data: Path, farm_cluster: str,
+                                                                      tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_farm(run_dir, data=tiny_data, address=farm_cluster, dp=2, steps=10) == 0
+    newest = run_dir / "checkpoints" / "step-00000010"
+    victim = max(newest.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of a tensor
+    victim.write_bytes(bytes(data))
+    assert run_farm(run_dir, data=tiny_data, address=farm_cluster, dp=2, steps=12) == 0
+    events = read_events(run_dir)
+    skipped = [e for e in events if e["event"] == "checkpoint_skipped"]
+    assert skipped and "step-00000010" in skipped[-1]["detail"] and "checksum" in skipped[-1]["detail"]
+    assert [e["step"] for e in events if e["event"] == "resume"][-1] == 5
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))
