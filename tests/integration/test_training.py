@@ -55,7 +55,12 @@ def test_dp2_trains_and_the_loss_falls(runs: dict[str, Path]) -> None:
 
 
 def test_dp1_and_dp2_give_the_same_loss_curve(runs: dict[str, Path]) -> None:
-    np.testing.assert_allclose(losses(runs["dp1"]), losses(runs["dp2"]), rtol=1e-4)
+    dp1, dp2 = losses(runs["dp1"]), losses(runs["dp2"])
+    # Same samples, same global batch: only the order of float reductions differs (two micro-batch
+    # sums and an all-reduce against four sums, one thread per worker against two). That drift is
+    # ~1e-7 at first and grows as training goes on, so the bar is tight early and loose late.
+    np.testing.assert_allclose(dp1[:10], dp2[:10], rtol=1e-4)
+    np.testing.assert_allclose(dp1, dp2, rtol=1e-2)
     assert read_metrics(runs["dp1"])[0]["layout"]["dp"] == 1
 
 
