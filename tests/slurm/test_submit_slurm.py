@@ -118,8 +118,8 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
     wandb_id = (run_dir / "wandb_id").read_text().strip()
 
     # A requeue by the operator (or a preemption): SIGTERM to every process of the job, SIGKILL after
-    # KillWait. The attempt may or may not get its own checkpoint written (W&B's service process
-    # dies on that SIGTERM); either way the next one resumes from the newest valid checkpoint.
+    # KillWait. The attempt may or may not finish its own checkpoint before the SIGKILL; either way
+    # the next one resumes from the newest valid checkpoint.
     slurm.run("scontrol", "requeue", job_id)
     slurm.release(job_id)
     wait_for("the resumed attempt", lambda: sum(e["event"] == "resume" for e in events(run_dir)) >= 1,
@@ -150,9 +150,10 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
 def test_sigterm_before_the_limit_leaves_a_valid_checkpoint_and_restarts_are_bounded(
     slurm: SlurmCluster, slurm_data: Path, tmp_path: Path
 ) -> None:
-    # W&B off: its service is a process of its own that a job-wide SIGTERM ends (see the test above).
+    # W&B on: its service process dies on the job-wide SIGTERM; the run must still checkpoint at the
+    # signal (the tracker drops W&B and keeps its jsonl files).
     job_id, run_dir = submit(slurm, tmp_path, slurm_data, "train.steps=200", "checkpoint.every=50",
-                             "launcher.max_restarts=0", "tracking.wandb=false")
+                             "launcher.max_restarts=0")
     log = job_log(run_dir, job_id)
     wait_for("two steps", lambda: len(metrics(run_dir)) >= 2, timeout=240, log=log)
     # SIGTERM to every process of the job, as `scancel` and a preemption send it: Ray and the driver
