@@ -3,7 +3,7 @@ sequential write bandwidth (target >= 0.5), the training stall of an async save 
 done synchronously (target <= 0.05), load-and-reshard against a same-layout load, and save and load
 against torch.distributed.checkpoint (DCP) on the same state.
 
-    python benchmarks/bench_checkpoint.py [--size small|medium|large] [--rounds 3] [--dir DIR]
+    python benchmarks/bench_checkpoint.py [--size small|medium|large] [--rounds 4] [--dir DIR]
 
 The state is a GPT's fp32 weights and both Adam moments under farm's logical names (model/..., optim/
 exp_avg/..., optim/exp_avg_sq/...), ~0.5 GB (small), ~1.6 GB (medium) or ~4.7 GB (large). Two
@@ -12,12 +12,14 @@ other tensors whole on rank 0; each "rank" is a thread writing its own part, the
 write is the floor for that pattern: the same bytes as two files, each written by its own thread with
 plain os.write of large buffers, then fsync (the save fsyncs its files too, and hashes them).
 
-Loads read with a warm page cache (the files were just written), without checksum verification (farm's
-driver verifies once before the workers read; that time is shown on its own row). The DCP side saves and
-loads the whole tensors from one process with two writer threads (FileSystemWriter(thread_count=2)).
-Each round runs every measurement once, the order reversed on odd rounds, into a temporary directory
-under --dir (default: the working directory, so the disk measured is the one checkpoints would go to);
-the table shows medians over the rounds, and each ratio is the median of the per-round ratios.
+Loads read with a warm page cache (the files were just written) into preallocated tensors, as
+TrainEngine.import_state copies into the model, without checksum verification (farm's driver verifies
+once before the workers read; that time is shown on its own row). The DCP side saves and loads the whole
+tensors from one process with two writer threads (FileSystemWriter(thread_count=2)). Each round runs
+every measurement once after an untimed warm-up write, the order reversed on odd rounds, in a temporary
+directory under --dir (default: the working directory, so the disk measured is the one checkpoints would
+go to; /tmp may be a RAM disk). The table shows the median and the spread over the rounds; each ratio
+is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -216,19 +218,29 @@ class Bench:
         def save() -> None:
             saved["farm"] = farm_save(sync_store, self.parts, n + 1)
 
+        def async_() -> None:
+            stall, total = async_save(writers, self.parts, 1000 + n)
+            self.add("stall", stall)
+            self.add("async_total", total)
+
+        # How fast a virtual disk takes a write depends on what it did just before (on ext4 mounted
+        # with `discard`, on whether freed blocks were discarded yet): an untimed write opens every
+        # round, so the first timed one is not the only one to follow a pause, and the order alternates.
         writes: list[tuple[str, Callable[[], Any]]] = [
-            ("raw", lambda: raw_write(self.work / "raw", self.parts)),
+            ("warm-up", partial(raw_write, self.work / "raw", self.parts)),
+            ("raw", partial(raw_write, self.work / "raw", self.parts)),
             ("save", save),
-            ("dcp_save", lambda: dcp_save(self.state, self.work / "dcp")),
+            ("dcp_save", partial(dcp_save, self.state, self.work / "dcp")),
+            ("async", async_),
         ]
-        for key, fn in writes if n % 2 == 0 else writes[::-1]:
-            self.add(key, timed(fn)[0])
-        stall, total = async_save(writers, self.parts, 1000 + n)
-        self.add("stall", stall)
-        self.add("async_total", total)
-        shutil.rmtree(self.work / "async", ignore_errors=True)
+        for key, fn in writes[:1] + (writes[1:] if n % 2 == 0 else writes[:0:-1]):
+            seconds = timed(fn)[0]
+            if key not in ("warm-up", "async"):
+                self.add(key, seconds)
+            shutil.rmtree(self.work / "async", ignore_errors=True)
+            shutil.rmtree(self.work / "raw", ignore_errors=True)
         self.loads(n, saved["farm"])
-        for name in ("sync", "raw", "dcp"):
+        for name in ("sync", "dcp"):
             shutil.rmtree(self.work / name, ignore_errors=True)
 
     def loads(self, n: int, path: Path) -> None:
@@ -262,41 +274,42 @@ def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
 
 
+ROWS: list[tuple[str, str, bool, tuple[str, str, str] | None, str]] = [
+    # label, key, show MB/s, (ratio label, numerator, denominator) or None, target
+    ("raw write (os.write + fsync, 2 files)", "raw", True, None, ""),
+    ("farm save, sync (2 ranks + commit)", "save", True, ("save/raw throughput", "raw", "save"), ">= 0.5"),
+    ("farm async save: stall (snapshot)", "stall", False, ("stall/sync", "stall", "save"), "<= 0.05"),
+    ("  async save: snapshot to commit", "async_total", False, ("total/sync", "async_total", "save"), ""),
+    ("farm load, same layout (2 ranks)", "load_same", True, None, ""),
+    ("farm load, reshard to 4 ranks", "load_4", True, ("reshard/same", "load_4", "load_same"), "report"),
+    ("farm load, reshard to 1 rank", "load_1", True, ("reshard/same", "load_1", "load_same"), "report"),
+    ("farm verify sha256 (driver, once)", "verify", True, None, ""),
+    ("DCP save (1 process, 2 threads)", "dcp_save", True, ("farm/dcp save time", "save", "dcp_save"), "report"),
+    ("DCP load (1 process, whole tensors)", "dcp_load", True,
+     ("farm(1 rank)/dcp load time", "load_1", "dcp_load"), "report"),
+]
+
+
 def report(times: dict[str, list[float]], *, nbytes: int, first_stall: float) -> None:
-    med = {key: statistics.median(values) for key, values in times.items()}
-    rate = {key: nbytes / med[key] / 1e6 for key in med}
-    rows: list[tuple[str, str, str, str, str]] = [
-        ("raw write (os.write + fsync, 2 files)", f"{med['raw']:.3f}", f"{rate['raw']:.0f}", "", ""),
-        ("farm save, sync (2 ranks + commit)", f"{med['save']:.3f}", f"{rate['save']:.0f}",
-         f"save/raw throughput {ratio(times, 'raw', 'save'):.2f}", ">= 0.5"),
-        ("farm async save: stall (snapshot)", f"{med['stall']:.3f}", "",
-         f"stall/sync {ratio(times, 'stall', 'save'):.3f}", "<= 0.05"),
-        ("  first async save's stall (allocates)", f"{first_stall:.3f}", "", "", ""),
-        ("  async save: snapshot to commit", f"{med['async_total']:.3f}", "",
-         f"total/sync {ratio(times, 'async_total', 'save'):.2f}", ""),
-        ("farm load, same layout (2 ranks)", f"{med['load_same']:.3f}", f"{rate['load_same']:.0f}", "", ""),
-        ("farm load, reshard to 4 ranks", f"{med['load_4']:.3f}", f"{rate['load_4']:.0f}",
-         f"reshard/same {ratio(times, 'load_4', 'load_same'):.2f}", "report"),
-        ("farm load, reshard to 1 rank", f"{med['load_1']:.3f}", f"{rate['load_1']:.0f}",
-         f"reshard/same {ratio(times, 'load_1', 'load_same'):.2f}", "report"),
-        ("farm verify sha256 (driver, once)", f"{med['verify']:.3f}", f"{rate['verify']:.0f}", "", ""),
-        ("DCP save (1 process, 2 threads)", f"{med['dcp_save']:.3f}", f"{rate['dcp_save']:.0f}",
-         f"farm/dcp save time {ratio(times, 'save', 'dcp_save'):.2f}", "report"),
-        ("DCP load (1 process, whole tensors)", f"{med['dcp_load']:.3f}", f"{rate['dcp_load']:.0f}",
-         f"farm(1 rank)/dcp load time {ratio(times, 'load_1', 'dcp_load'):.2f}", "report"),
-    ]
-    widths = [max(len(r[i]) for r in [*rows, HEADER]) for i in range(5)]
-    for row in [HEADER, *rows]:
-        print("  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-
-
-HEADER = ("measurement", "median s", "MB/s", "ratio", "target")
+    header = ("measurement", "median s", "min-max s", "MB/s", "ratio", "target")
+    rows = [header]
+    for label, key, show_rate, ratio_spec, target in ROWS:
+        values = times[key]
+        med = statistics.median(values)
+        text = f"{ratio_spec[0]} {ratio(times, ratio_spec[1], ratio_spec[2]):.3f}" if ratio_spec else ""
+        rows.append((label, f"{med:.3f}", f"{min(values):.2f}-{max(values):.2f}",
+                     f"{nbytes / med / 1e6:.0f}" if show_rate else "", text, target))
+        if key == "stall":
+            rows.append(("  first async save's stall (allocates)", f"{first_stall:.3f}", "", "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(c.ljust(w) if i in (0, 4) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="medium")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4, help="an even number balances the orders")
     parser.add_argument("--dir", type=Path, default=Path.cwd(), help="where the temporary files go")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
@@ -315,8 +328,8 @@ def main() -> None:
         shutil.rmtree(bench.work / "async", ignore_errors=True)
         for n in range(args.rounds):
             bench.round(n, writers)
-            print(f"round {n}: save {bench.times['save'][-1]:.2f} s, raw {bench.times['raw'][-1]:.2f} s, "
-                  f"stall {bench.times['stall'][-1]:.3f} s", flush=True)
+            done = ", ".join(f"{key} {values[-1]:.2f}" for key, values in bench.times.items())
+            print(f"round {n} (s): {done}", flush=True)
         for w in writers:
             w.close()
     print()
