@@ -16,10 +16,10 @@ Loads read with a warm page cache (the files were just written) into preallocate
 TrainEngine.import_state copies into the model, without checksum verification (farm's driver verifies
 once before the workers read; that time is shown on its own row). The DCP side saves and loads the whole
 tensors from one process with two writer threads (FileSystemWriter(thread_count=2)). Each round runs
-every measurement once after an untimed warm-up write, the order reversed on odd rounds, in a temporary
-directory under --dir (default: the working directory, so the disk measured is the one checkpoints would
-go to; /tmp may be a RAM disk). The table shows the median and the spread over the rounds; each ratio
-is the median of the per-round ratios.
+every measurement once, each write right after an untimed one of the same size, the order reversed on
+odd rounds, in a temporary directory under --dir (default: the working directory, so the disk measured
+is the one checkpoints would go to; /tmp may be a RAM disk). The table shows the median and the spread
+over the rounds; each ratio is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -223,19 +223,20 @@ class Bench:
             self.add("stall", stall)
             self.add("async_total", total)
 
-        # How fast a virtual disk takes a write depends on what it did just before (on ext4 mounted
-        # with `discard`, on whether freed blocks were discarded yet): an untimed write opens every
-        # round, so the first timed one is not the only one to follow a pause, and the order alternates.
+        # How fast a virtual disk takes a write depends on what it did just before (a burst of writes,
+        # blocks freed and discarded by ext4 mounted with `discard`, ...): every timed write follows an
+        # untimed write of the same size, deleted just before it, so each meets the disk in the same state.
         writes: list[tuple[str, Callable[[], Any]]] = [
-            ("warm-up", partial(raw_write, self.work / "raw", self.parts)),
             ("raw", partial(raw_write, self.work / "raw", self.parts)),
             ("save", save),
             ("dcp_save", partial(dcp_save, self.state, self.work / "dcp")),
             ("async", async_),
         ]
-        for key, fn in writes[:1] + (writes[1:] if n % 2 == 0 else writes[:0:-1]):
+        for key, fn in writes if n % 2 == 0 else writes[::-1]:
+            raw_write(self.work / "warm-up", self.parts)
+            shutil.rmtree(self.work / "warm-up")
             seconds = timed(fn)[0]
-            if key not in ("warm-up", "async"):
+            if key != "async":
                 self.add(key, seconds)
             shutil.rmtree(self.work / "async", ignore_errors=True)
             shutil.rmtree(self.work / "raw", ignore_errors=True)
