@@ -78,8 +78,9 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
         resources = dict(farm.node_resources(farm.nodes[0]))
         # Ray counts GPUs itself and takes them as num_gpus, never among the custom resources.
         gpus = resources.pop("GPU", None)
-        ray.init(num_cpus=cpus, num_gpus=None if gpus is None else int(gpus), resources=resources,
-                 _node_ip_address="127.0.0.1", **_init_kwargs())
+        # address="local": always a new private instance, never one found in /tmp/ray by chance.
+        ray.init(address="local", num_cpus=cpus, num_gpus=None if gpus is None else int(gpus),
+                 resources=resources, _node_ip_address="127.0.0.1", **_init_kwargs())
         return RayHandle(address=None, started=True)
     return _start_emulated_cluster(farm, cpus=cpus)
 

@@ -84,6 +84,8 @@ class Controller:
         self.stop_signal: str | None = None
         self.failures = 0
         self.last_save_error: str | None = None
+        self.saving = False
+        """A save is in flight: poll the workers for its outcome after each step."""
         # Names this attempt's in-progress checkpoint directories apart from a crashed attempt's.
         self.attempt = f"{os.getpid()}-{int(time.time())}"
         last = parts.plan.pp - 1
@@ -170,7 +172,8 @@ class Controller:
         elapsed = time.perf_counter() - started
         report = reports[self.reporter][-1]
         self._log_step(report, elapsed)
-        self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
+        if self.saving:
+            self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
         step = int(report["step"])
         if self.should_checkpoint(step):
             self._save(step)
@@ -198,19 +201,25 @@ class Controller:
             plan=self.p.plan.to_json(),
         )
         root = str(self.p.run_dir / "checkpoints")
+        self.saving = True
         self.group.call("save", timeout=self.p.run.step_timeout_s, what=f"checkpoint at step {step}",
                         root=root, step=step, meta=meta, cfg=self.p.checkpoint)
 
     def _note_commits(self, outcomes: list[dict[str, list[Any]]]) -> None:
         """Log what the ranks' background saves committed (rank 0 commits) or failed to write."""
+        if outcomes[0]["committed"] or any(o["failed"] for o in outcomes):
+            self.saving = False  # the one save in flight has ended
         for step in outcomes[0]["committed"]:
             self.last_checkpoint = step
             self.tracker.event("checkpoint", step=step,
                                path=str(self.p.run_dir / "checkpoints" / f"step-{step:08d}"))
-        for message in dict.fromkeys(m for outcome in outcomes for m in outcome["failed"]):
+        messages = list(dict.fromkeys(m for outcome in outcomes for m in outcome["failed"]))
+        for message in messages:
             # A failed save (a full disk, say) leaves the previous checkpoint valid; training goes on.
-            self.last_save_error = message
             self.tracker.event("checkpoint_failed", last_valid=self.last_checkpoint, detail=message)
+        if messages:
+            # One rank's failure aborts the shared save, so the others may report only that.
+            self.last_save_error = "; ".join(messages)
 
     def _finish(self, state: Finishing) -> State:
         assert self.group is not None

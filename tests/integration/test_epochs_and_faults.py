@@ -80,7 +80,8 @@ def test_a_full_disk_fails_the_save_clearly_and_training_goes_on(tiny_data: Path
     assert "No space left on device" in message
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13)), "training went on after the failure"
     failed = [e for e in read_events(run_dir) if e["event"] == "checkpoint_failed"]
-    assert failed and all("No space left on device" in e["detail"] for e in failed)
+    # The rank that hit the full disk says so; the others may only see the save it aborted.
+    assert failed and any("No space left on device" in e["detail"] for e in failed)
     latest = CheckpointStore(small_disk, keep_last=3).latest_valid()
     assert latest is not None and latest.step == 4
 
