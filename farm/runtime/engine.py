@@ -90,7 +90,11 @@ class TrainEngine:
         deepspeed.utils.logger.setLevel(logging.WARNING)
         self.model_cfg, self.train, self.ctx = model, train, ctx
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        # With one DP rank ZeRO has nothing to partition, and its bookkeeping costs a third of a
+        # small model's step (benchmarks/bench_layouts.py): train without it. The math is the same.
+        zero_stage = zero_stage if ctx.dp > 1 else 0
         self.zero_stage, self.decay_steps, self.device = zero_stage, decay_steps, device
+        self._norm = float("nan")
         module = GPT(model, vocab_size=vocab_size, tp_group=ctx.tp_group if ctx.tp > 1 else None,
                      layers=ctx.layers, first=ctx.first_stage, last=ctx.last_stage, init_seed=train.seed).to(device)
         self.specs: dict[str, ShardSpec] = shard_specs(module)
@@ -103,6 +107,10 @@ class TrainEngine:
         )
         config = deepspeed_config(train=train, micro_batch=micro_batch, grad_accum=grad_accum, dp=ctx.dp,
                                   zero_stage=zero_stage, precision=precision)
+        if zero_stage == 0:
+            # DeepSpeed's clipping without ZeRO counts TP-replicated tensors by the wrong rank and the
+            # tied copy twice; the engine clips itself, by the rule ZeRO uses (see _clip).
+            config["gradient_clipping"] = 0.0
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=config, mpu=DeepSpeedMPU(ctx), dist_init_required=False
         )
@@ -166,7 +174,7 @@ class TrainEngine:
                     f"loss is {mean} at step {step + 1}; the run stopped. Lower train.lr or train.grad_clip, "
                     "then resume from the last checkpoint"
                 )
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if self.zero_stage else self._norm
         self.step = step + 1
         return StepResult(step=self.step, loss=mean, grad_norm=float(norm) if norm is not None else float("nan"),
                           lr=lr, samples=self.step * self.train.global_batch)
@@ -178,9 +186,32 @@ class TrainEngine:
             tokens = torch.from_numpy(mb.tokens).to(self.device)
             loss = self.engine(tokens[:, :-1], tokens[:, 1:])
             self.engine.backward(loss)
+            if mb is micro[-1] and self.zero_stage == 0:
+                self._clip()  # gradients are reduced over DP by now; the update comes next
             self.engine.step()
             total += loss.detach().double().cpu()
         return total
+
+    def _clip(self) -> None:
+        """Clip to train.grad_clip by the global norm over the model group: TP-split tensors from
+        every TP rank, replicated ones once, the last stage's tied copy not at all (as ZeRO does)."""
+        specs, ctx = self.specs, self.ctx
+        squares = torch.zeros((), dtype=torch.float64)
+        grads = []
+        for name, p in self.module.named_parameters():
+            if p.grad is None:
+                continue
+            grads.append(p.grad)
+            split = name in specs and specs[name].size > 1
+            if name != self.tied_copy and (split or ctx.tp_rank == 0):
+                squares += p.grad.detach().double().pow(2).sum().cpu()
+        dist.all_reduce(squares, group=ctx.model_group)
+        self._norm = float(squares.sqrt())
+        if self.train.grad_clip > 0:
+            coef = self.train.grad_clip / (self._norm + 1e-6)
+            if coef < 1.0:
+                for g in grads:
+                    g.mul_(coef)
 
     def _pipeline(self, micro: list[MicroBatch], step: int) -> torch.Tensor:
         ctx, cfg = self.ctx, self.model_cfg
@@ -212,6 +243,7 @@ class TrainEngine:
                 self.optimizer.reduce_gradients(pipeline_parallel=True)
             else:
                 engine.allreduce_gradients()
+                self._clip()
             engine._take_model_step(None)
         finally:
             engine._force_grad_boundary = False
