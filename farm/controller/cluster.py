@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from farm.errors import StartupFailure
@@ -30,7 +30,6 @@ class RayHandle:
     address: str | None
     started: bool
     cluster: Any = None
-    node_handles: dict[str, Any] = field(default_factory=dict)
 
     def close(self) -> None:
         import ray
@@ -109,11 +108,9 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
     # The head carries no farm node, so losing any farm node never takes the cluster down.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1",
                                                               "include_dashboard": False})
-    handles = {}
     for node in farm.nodes:
-        handles[node.id] = cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node),
-                                            node_ip_address="127.0.0.1")
+        cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node), node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     # The driver joins as a loopback node too, or it looks for a raylet on the host's address.
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", **_init_kwargs())
-    return RayHandle(address=cluster.address, started=True, cluster=cluster, node_handles=handles)
+    return RayHandle(address=cluster.address, started=True, cluster=cluster)
