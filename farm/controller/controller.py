@@ -245,8 +245,10 @@ class Controller:
         fault = err.fault
         self.tracker.event("failure", step=step, rank=fault.rank, node=fault.node, fault=fault.kind,
                            detail=fault.detail)
-        decision = self.policy.decide(fault, FailureContext(step=step, last_checkpoint=self.last_checkpoint,
-                                                            failures=self.failures))
+        context = FailureContext(step=step, failures=self.failures, plan=self.p.plan, farm=self.p.farm,
+                                 lost=(fault.node,) if fault.loses_node else (),
+                                 last_checkpoint=self.last_checkpoint)
+        decision = self.policy.decide(fault, context)
         self.tracker.event("decision", step=step, decision=decision.kind, reason=decision.reason)
         if self.group is not None:
             self.group.shutdown(graceful=False)

@@ -11,24 +11,13 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from farm.controller.decisions import WorkerFault
 from farm.errors import FarmError, StartupFailure, StartupTimeout, WorkerFailure
 from farm.plan import Plan
 from farm.runtime.worker import Worker, WorkerSpec
 from farm.topology import AcceleratorSpec, Farm
-
-
-@dataclass(frozen=True)
-class WorkerFault:
-    """What went wrong with which worker; the controller's failure policy decides what to do."""
-
-    rank: int
-    node: str
-    kind: str
-    """'died' (process or node lost), 'error' (raised), or 'timeout' (no answer in time)."""
-    detail: str
 
 
 class WorkerFailed(WorkerFailure):
@@ -156,7 +145,7 @@ class WorkerGroup:
         while time.monotonic() < deadline:
             dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
             for rank in sorted(r for r, node_id in node_ids.items() if node_id in dead):
-                return WorkerFault(rank=rank, node=self.node_of[rank], kind="died", detail="its node was lost")
+                return WorkerFault(rank=rank, node=self.node_of[rank], kind="node_lost", detail="its node was lost")
             if pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 for ref in ready:
