@@ -3,7 +3,7 @@
 Only the entry points (``farm.launch``, ``farm.plan``, ``farm.submit``) know Hydra. They compose the
 YAML in ``conf/`` and ``topologies/``, then call :func:`from_container` to turn the result into these
 dataclasses; every other module receives only the dataclass of its own component.
-Each field is documented where it is declared; ``docs/configuration.md`` is the user-facing view.
+Each field is documented where it is declared; ``python -m farm.launch --cfg job`` shows them composed, and docs/design.md maps them.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation: fixed by config, independent of the layout (DESIGN.md invariant 2)."""
+    """The optimisation: fixed by config, independent of the layout (docs/design.md invariant 2)."""
 
     steps: int = 200
     """Optimizer steps to train in total (a resumed run continues up to this number)."""

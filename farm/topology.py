@@ -2,7 +2,7 @@
 
 A topology file (``topologies/NAME.yaml``, the Hydra group ``topology``) is validated by
 :func:`load_farm` into frozen value objects. Everything device-specific comes from
-:data:`ACCELERATORS` (DESIGN.md invariant 4); under ``emulate: cpu`` every device of any farm becomes
+:data:`ACCELERATORS` (docs/design.md invariant 4); under ``emulate: cpu`` every device of any farm becomes
 one CPU process on a Ray node that carries the custom resources of :meth:`Farm.node_resources`.
 
 Units in the YAML are the ones datasheets use (GiB of memory, TFLOP/s, GB/s for device links, Gbit/s

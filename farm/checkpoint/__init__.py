@@ -1,6 +1,6 @@
 """Layout-free checkpoints: tensors addressed by logical name and slice of the global shape.
 
-A checkpoint written by one parallel layout loads into any other with no conversion (DESIGN.md
+A checkpoint written by one parallel layout loads into any other with no conversion (docs/design.md
 invariant 3). Saves are collective-free and commit atomically; loads verify checksums and fall back
 to the previous checkpoint; nothing is ever unpickled. The format is described in docs/checkpoints.md.
 """

@@ -1,6 +1,6 @@
 """The checkpoint format: names on disk, tensor slices, the manifest and its strict JSON loader.
 
-A checkpoint is layout-free (DESIGN.md invariant 3): every tensor is addressed by a logical name and
+A checkpoint is layout-free (docs/design.md invariant 3): every tensor is addressed by a logical name and
 the box it covers in the global tensor, never by the rank or the parallel layout that wrote it. This
 module holds the value objects and the pure checks (manifest parsing, slice coverage); the store does
 the file work. Nothing here unpickles: manifests are strict JSON, tensors are safetensors.

@@ -1,6 +1,6 @@
 """Getting a Ray cluster for a farm: connect to one, or start a private one on 127.0.0.1.
 
-Under CPU emulation (DESIGN.md invariant 4) every node of the topology becomes a Ray node carrying
+Under CPU emulation (docs/design.md invariant 4) every node of the topology becomes a Ray node carrying
 the farm's custom resources, so placement, node loss and re-planning run for real on one machine:
 a one-node farm is a plain local Ray instance; a multi-node farm is one raylet per node
 (``ray.cluster_utils.Cluster``). Ray's own console output is kept out of the user's terminal.

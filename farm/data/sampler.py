@@ -1,6 +1,6 @@
 """The global sample order, the batch layout over data-parallel ranks, and the data cursor.
 
-DESIGN.md invariant 1: the order is a pure function of (dataset fingerprint, seed, epoch), and
+docs/design.md invariant 1: the order is a pure function of (dataset fingerprint, seed, epoch), and
 optimizer step k consumes global positions [k*G, (k+1)*G) of it, G the global batch. A rank finds
 its micro-batches by arithmetic on (step, micro-batch, rank), so a change of DP degree changes who
 reads a sample, never which samples a step reads. The cursor is a single integer: samples consumed.

@@ -1,6 +1,6 @@
 """Re-plan after a failure: the best layout on the surviving nodes, with the same global batch.
 
-Gradient accumulation absorbs a smaller DP degree (DESIGN.md invariant 2). The search is the same
+Gradient accumulation absorbs a smaller DP degree (docs/design.md invariant 2). The search is the same
 vectorised one as at start-up, fast enough to run inside a recovery (benchmarks/bench_planner.py).
 """
 

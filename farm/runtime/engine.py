@@ -1,7 +1,7 @@
 """The optimizer step inside one worker: DeepSpeed ZeRO over the DP group, around a GPT that is
 tensor-parallel over the TP group and split into pipeline stages run with 1F1B.
 
-The math is layout-free (DESIGN.md invariants 2 and 3): the loss of a step is the mean over the G
+The math is layout-free (docs/design.md invariants 2 and 3): the loss of a step is the mean over the G
 samples of the global batch whatever (dp, tp, pp) is; each micro-batch's randomness is seeded from
 its global index; the LR is a pure function of the step; every logical tensor starts from the same
 values. State goes out and comes in as slices of logical tensors, so a checkpoint written by one

@@ -1,4 +1,4 @@
-"""The global order, the batch layout over DP ranks and the cursor (DESIGN.md invariant 1)."""
+"""The global order, the batch layout over DP ranks and the cursor (docs/design.md invariant 1)."""
 
 from __future__ import annotations
 
