@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,7 +148,11 @@ class CheckpointConfig:
     async_save: bool = True
     """Snapshot to host memory, then write in the background while training goes on."""
     resume: bool = True
-    """Resume from the newest valid checkpoint in the run directory."""
+    """Resume from the newest valid checkpoint in the run directory. false starts at step 0 on
+    purpose and moves the run's checkpoints to checkpoints/superseded/ (never deletes them)."""
+    allow_fresh_start: bool = False
+    """When checkpoints were committed but none is sound, start from step 0 anyway (they are moved to
+    checkpoints/corrupt/). Without it such a run refuses to start and names each defect."""
     commit_timeout_s: float = 600.0
     """How long rank 0's commit waits for every rank's part before the save fails (the previous
     checkpoint stays valid)."""
@@ -272,6 +277,28 @@ def _positive(value: int | float, where: str) -> None:
         raise ConfigError(f"{where}: must be positive, got {value}")
 
 
+def _validate_train(t: TrainConfig) -> None:
+    """Every optimisation field, each named, so a bad value never reaches a worker."""
+    for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+        if not math.isfinite(getattr(t, name)):
+            raise ConfigError(f"train.{name}: must be a finite number, got {getattr(t, name)}")
+    _positive(t.lr, "train.lr")
+    if t.min_lr < 0:
+        raise ConfigError(f"train.min_lr: must be >= 0, got {t.min_lr}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}; the cosine decay ends at min_lr")
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "seed"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}: must be >= 0, got {getattr(t, name)}")
+    if t.lr_decay_steps is not None:
+        _positive(t.lr_decay_steps, "train.lr_decay_steps")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise ConfigError(f"train.{name}: must be in [0, 1), got {getattr(t, name)}")
+    _positive(t.eps, "train.eps")
+    _positive(t.log_every, "train.log_every")
+
+
 def validate(cfg: FarmConfig) -> None:
     """Checks that need no other component: each names the field and says what to change."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -294,8 +321,7 @@ def validate(cfg: FarmConfig) -> None:
         raise ConfigError(
             f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}"
         )
-    if t.warmup_steps < 0 or t.min_lr > t.lr:
-        raise ConfigError("train.warmup_steps must be >= 0 and train.min_lr <= train.lr")
+    _validate_train(t)
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16")
     for name in ("dp", "tp", "pp", "zero_stage", "micro_batch"):
