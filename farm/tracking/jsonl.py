@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -97,7 +98,7 @@ def truncate_metrics(run_dir: Path, *, keep_through: int) -> int:
     checkpoint; the resumed run writes those steps again. Returns how many were dropped.
 
     The file is rewritten to a temporary file and renamed over the original, so a crash here leaves
-    either the old or the new file, never half of one.
+    either the old or the new file, never half of one; the new file keeps the old one's mode.
     """
     path = run_dir / METRICS_FILE
     records = _read(path)
@@ -108,6 +109,8 @@ def truncate_metrics(run_dir: Path, *, keep_through: int) -> int:
         return 0
     fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", dir=run_dir)
     try:
+        if path.exists():  # mkstemp makes 0600; the rewritten file keeps the original's mode
+            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.writelines(dumps(r) + "\n" for r in kept)
             out.flush()

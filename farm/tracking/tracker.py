@@ -69,9 +69,11 @@ class Tracker:
         self.start_step = start_step
         self._closed = False
         self._started = time.monotonic()
-        self.dropped_steps = truncate_metrics(self.run_dir, keep_through=start_step)
-        """Steps after start_step that an earlier attempt logged and this one will log again."""
-        self._tokens_seen = self._count_tokens()
+        self.dropped_steps = 0
+        """Steps after start_step that an earlier attempt logged and this one logs again. They are
+        dropped from metrics.jsonl when this attempt logs its first step, i.e. only once the workers
+        have restored the checkpoint: a resume that fails loses no line."""
+        self._tokens_seen = self._count_tokens(through=start_step)
         self._last_step = start_step
         self._last_loss: float | None = None
         self._event_rows: list[dict[str, Any]] = []
@@ -83,7 +85,7 @@ class Tracker:
             total_steps=total_steps,
             start_step=start_step,
         )
-        self._metrics = JsonlWriter(self.run_dir / METRICS_FILE)
+        self._metrics: JsonlWriter | None = None
         self._events = JsonlWriter(self.run_dir / EVENTS_FILE)
         if note:
             self._display.message(note, style="yellow")
@@ -123,8 +125,9 @@ class Tracker:
     def step(self, metrics: StepMetrics) -> None:
         """Record one optimizer step. A step at or below the last one logged is a replay after an
         in-process re-plan from a checkpoint: the later lines are dropped so each step appears once."""
-        if metrics.step <= self._last_step:
-            self._metrics.close()
+        if self._metrics is None or metrics.step <= self._last_step:
+            if self._metrics is not None:
+                self._metrics.close()
             self.dropped_steps += truncate_metrics(self.run_dir, keep_through=metrics.step - 1)
             self._tokens_seen = self._count_tokens()
             self._metrics = JsonlWriter(self.run_dir / METRICS_FILE)
@@ -141,8 +144,9 @@ class Tracker:
         """Tokens over all steps in metrics.jsonl, earlier attempts included."""
         return self._tokens_seen
 
-    def _count_tokens(self) -> int:
-        return sum(int(r.get("tokens") or 0) for r in read_metrics(self.run_dir))
+    def _count_tokens(self, through: int | None = None) -> int:
+        return sum(int(r.get("tokens") or 0) for r in read_metrics(self.run_dir)
+                   if through is None or int(r.get("step", 0)) <= through)
 
     def summary(self, **fields: Any) -> str:
         """Final figures to the W&B run summary and a panel on the terminal; returns the panel's text."""
@@ -185,7 +189,8 @@ class Tracker:
                 self.wandb.log_events(self._event_rows)
                 self.wandb.finish(exit_code=exit_code)
         finally:
-            self._metrics.close()
+            if self._metrics is not None:
+                self._metrics.close()
             self._events.close()
 
     def __enter__(self) -> Tracker:

@@ -107,17 +107,36 @@ def test_resume_drops_the_steps_logged_after_the_checkpoint(tmp_path: Path) -> N
     with tracker(tmp_path) as t:
         for s in range(1, 11):
             t.step(metrics(s, tokens=100 * s))
+    (tmp_path / METRICS_FILE).chmod(0o644)
     resumed = tracker(tmp_path, start=6)
-    assert steps_of(tmp_path) == [1, 2, 3, 4, 5, 6]
-    assert resumed.dropped_steps == 4
+    # Nothing is dropped before the first step of the resumed run: the restore may still fail.
+    assert steps_of(tmp_path) == list(range(1, 11))
     assert resumed.tokens_seen == sum(100 * s for s in range(1, 7))
     with resumed:
         for s in range(7, 13):
             resumed.step(metrics(s, loss=float(s), tokens=100 * s))
+            assert resumed.dropped_steps == 4
+    assert (tmp_path / METRICS_FILE).stat().st_mode & 0o777 == 0o644
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 13))
     assert records[8]["loss"] == 9.0  # the resumed attempt's value, not the crashed one's
     assert not list(tmp_path.glob(f".{METRICS_FILE}.*"))  # no temporary file left behind
+
+
+def test_a_resume_that_fails_before_its_first_step_loses_no_line(tmp_path: Path) -> None:
+    with tracker(tmp_path) as t:
+        for s in range(1, 11):
+            t.step(metrics(s))
+    (tmp_path / METRICS_FILE).chmod(0o640)
+    before = (tmp_path / METRICS_FILE).read_bytes()
+    with pytest.raises(FarmError), tracker(tmp_path, start=4) as t:
+        t.event("start", step=4)
+        raise FarmError("the workers could not restore step 4")
+    assert (tmp_path / METRICS_FILE).read_bytes() == before
+    with tracker(tmp_path, start=4) as t:
+        t.step(metrics(5))
+    assert steps_of(tmp_path) == [1, 2, 3, 4, 5]
+    assert (tmp_path / METRICS_FILE).stat().st_mode & 0o777 == 0o640
 
 
 def test_resume_removes_a_line_cut_off_by_a_crash(tmp_path: Path) -> None:
