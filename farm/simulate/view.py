@@ -1,0 +1,135 @@
+"""The simulated farm: which nodes are in service, which are free spares, and the Farm a policy sees.
+
+A policy's reads of the farm (``FailureContext.pools_of``, ``Farm.without_nodes``, ``num_devices``,
+the spares of a pool) walk every node, which at 16,384 nodes and thousands of faults per run costs
+more than the rest of the simulation. The policy is therefore handed a *condensed* farm: the nodes
+the fault concerns and every free spare as themselves, and the other nodes in service of each pool
+folded into one node that carries their devices. Device counts, pools, spares and the lost nodes are
+those of the full farm, so the decision is the same (tests/unit/test_simulate.py checks it against
+the full farm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import Counter
+
+from farm.plan.layout import Plan
+from farm.topology import Farm, Node
+
+
+class FarmState:
+    def __init__(self, universe: Farm, *, hot: dict[str, int] | None = None) -> None:
+        """``universe``: the farm with every node the run may use; of each pool's spares the first
+        ``hot[pool]`` are hot, the rest are the cluster's cold reserve."""
+        self.universe = universe
+        self.by_id = {n.id: n for n in (*universe.nodes, *universe.spares)}
+        self.order = {n.id: i for i, n in enumerate((*universe.nodes, *universe.spares))}
+        self.svc = [n.id for n in universe.nodes]
+        self.pos = {nid: i for i, nid in enumerate(self.svc)}
+        self.n_full = len(self.svc)
+        self.hot: list[str] = []
+        self.cold: list[str] = []
+        per_pool: Counter[str] = Counter()
+        for n in universe.spares:
+            (self.hot if per_pool[n.pool] < (hot or {}).get(n.pool, 0) else self.cold).append(n.id)
+            per_pool[n.pool] += 1
+        self.hot_target = len(self.hot)
+        self.counts: Counter[str] = Counter(self.by_id[n].pool for n in self.svc)
+        self.pools = tuple(p.name for p in universe.pools)
+        self.full_shape = self.shape()
+        self.dpn = universe.pools[0].devices_per_node
+
+    def copy(self) -> FarmState:
+        new = object.__new__(FarmState)
+        new.__dict__.update(self.__dict__)
+        new.svc, new.pos, new.hot, new.cold = list(self.svc), dict(self.pos), list(self.hot), list(self.cold)
+        new.counts = Counter(self.counts)
+        return new
+
+    # --- reads ------------------------------------------------------------------------------------
+
+    def shape(self) -> tuple[tuple[str, int], ...]:
+        return tuple((p, self.counts[p]) for p in self.pools)
+
+    def pick(self, u: float) -> str | None:
+        """The node a fault drawn at ``u`` falls on, or None when that slot is out of service."""
+        i = int(u * self.n_full)
+        return self.svc[i] if i < len(self.svc) else None
+
+    def used_by(self, node: str, plan: Plan) -> bool:
+        return self.pos[node] < math.ceil(plan.world_size / self.dpn)
+
+    def reserve_left(self) -> bool:
+        return bool(self.cold)
+
+    def view(self, *, lost: tuple[str, ...]) -> Farm:
+        """The condensed farm a policy decides on (see the module docstring)."""
+        lost_nodes = [self.by_id[n] for n in lost if n in self.pos]
+        gone = Counter(n.pool for n in lost_nodes)
+        rest = []
+        for p in self.universe.pools:
+            devices = (self.counts[p.name] - gone[p.name]) * p.devices_per_node
+            if devices > 0:
+                rest.append(Node(id=f"{p.name}/in-service", pool=p.name, rack="", devices=devices))
+        spares = tuple(self.by_id[n] for n in (*self.hot, *self.cold))
+        return dataclasses.replace(self.universe, nodes=(*lost_nodes, *rest), spares=spares)
+
+    def healthy_and_lost(self) -> tuple[Farm, tuple[Node, ...]]:
+        """The nodes in service as a Farm, in the universe's order, and the start's nodes now out."""
+        healthy = tuple(self.by_id[n] for n in sorted(self.svc, key=self.order.__getitem__))
+        lost = tuple(n for n in self.universe.nodes if n.id not in self.pos)
+        return dataclasses.replace(self.universe, nodes=healthy, spares=()), lost
+
+    # --- changes ----------------------------------------------------------------------------------
+
+    def take_out(self, nodes: tuple[str, ...]) -> list[str]:
+        """Remove these nodes from service; returns those that were in it."""
+        out = []
+        for n in nodes:
+            i = self.pos.pop(n, None)
+            if i is None:
+                continue
+            last = self.svc.pop()
+            if last != n:
+                self.svc[i] = last
+                self.pos[last] = i
+            self.counts[self.by_id[n].pool] -= 1
+            out.append(n)
+        return out
+
+    def rejoin(self, nodes: tuple[str, ...]) -> None:
+        for n in nodes:
+            if n not in self.pos:
+                self.pos[n] = len(self.svc)
+                self.svc.append(n)
+                self.counts[self.by_id[n].pool] += 1
+
+    def activate(self, spares: tuple[str, ...]) -> int:
+        """Move these free spares into service; returns how many of them were cold."""
+        cold = 0
+        for n in spares:
+            if n in self.hot:
+                self.hot.remove(n)
+            else:
+                self.cold.remove(n)
+                cold += 1
+        self.rejoin(spares)
+        return cold
+
+    def out_of_service(self, nodes: tuple[str, ...]) -> set[str]:
+        return {n for n in nodes if n not in self.pos}
+
+    def reserve_pop(self) -> str | None:
+        return self.cold.pop(0) if self.cold else None
+
+    def restock(self) -> None:
+        """The cluster boots a reserve node as a hot spare in place of one used."""
+        if len(self.hot) < self.hot_target and self.cold:
+            self.hot.append(self.cold.pop(0))
+
+    def to_spares(self, node: str) -> None:
+        if node in self.pos or node in self.hot or node in self.cold:
+            return
+        (self.hot if len(self.hot) < self.hot_target else self.cold).append(node)
