@@ -34,7 +34,28 @@ class CheckpointError(FarmError):
 
 
 class RunDirError(FarmError):
-    """The run directory belongs to an incompatible config."""
+    """The run directory belongs to an incompatible config, or cannot be used."""
+
+
+class RunDirBusy(RunDirError):
+    """Another live farm.launch holds the run directory's lock; nothing was written."""
+
+    exit_code = 6
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A checkpoint file failed its size or sha256 check while it was being loaded.
+
+    ``path`` is the step directory, so the driver can move it aside and fall back to an older one.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        # Ray pickles a worker's exception to the driver; keep the path across.
+        return type(self), (str(self), self.path)
 
 
 class StartupTimeout(FarmError):

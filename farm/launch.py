@@ -3,6 +3,12 @@
 The Hydra entry point: compose -> typed config -> farm -> data -> plan -> controller. Running the
 same command again continues from the newest valid checkpoint in run.dir, into whatever layout the
 new command asks for.
+
+A launch has two halves. ``prepare`` only reads: it takes the run directory's lock (one writer per
+run directory), checks the config against the directory's identity, plans, and chooses the
+checkpoint to resume from, comparing its identity with the run's. Only when all of that passed is
+the launch accepted and the first byte written into the run directory (lease, farm.json, .hydra/,
+plan.json, then the tracker). A refused launch therefore leaves an existing run directory as it was.
 """
 
 from __future__ import annotations
@@ -10,17 +16,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from farm import rundir
 from farm._hydra import hydra_entry, to_farm_config
+from farm.checkpoint.resume import (
+    CORRUPT_DIR,
+    SUPERSEDED_DIR,
+    ResumeChoice,
+    RunIdentity,
+    choose_resume,
+    move_aside,
+    no_sound_checkpoint,
+)
 from farm.config import FarmConfig
-from farm.errors import ConfigError, DataError, PlanError
+from farm.errors import CheckpointCorrupt, ConfigError, DataError, PlanError, RunDirError
 from farm.plan import Plan, make_plan
+from farm.runlock import RunDirLock, os_problem
 from farm.runtime.model import padded_vocab
 from farm.topology import Farm, load_farm
+
+if TYPE_CHECKING:  # the tracker and the controller import Ray and W&B lazily
+    from farm.controller.controller import Controller, Finished
+    from farm.tracking import Tracker
+
+RecordConfig = Callable[[Path], None]
+"""Writes the composed config into the run directory (.hydra/) once the launch is accepted."""
 
 
 def ensure_data(cfg: FarmConfig):  # type: ignore[no-untyped-def]
@@ -62,50 +90,139 @@ def build_plan(cfg: FarmConfig, farm: Farm, *, vocab: int) -> Plan:
 
 def write_plan(run_dir: Path, plan: Plan) -> None:
     tmp = run_dir / "plan.json.tmp"
-    tmp.write_text(json.dumps(plan.to_json(), indent=2))
-    os.replace(tmp, run_dir / "plan.json")
+    try:
+        tmp.write_text(json.dumps(plan.to_json(), indent=2))
+        os.replace(tmp, run_dir / "plan.json")
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
-def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -> int:
+SHAPE_FIELDS = ("n_layers", "d_model", "n_heads", "d_ff", "mlp", "tie_embeddings")
+"""Model fields that define tensor shapes; with the kv heads and the padded vocabulary they are the
+checkpoint's model identity."""
+
+
+def checkpoint_identity(cfg: FarmConfig, *, vocab: int, tokenizer_hash: str, data_fingerprint: str) -> RunIdentity:
+    """What a checkpoint must match to load into this run: built on the meta device, so no memory."""
+    import torch
+
+    from farm.runtime.engine import OPTIM_KEYS
+    from farm.runtime.model import GPT
+
+    shape: dict[str, Any] = {name: getattr(cfg.model, name) for name in SHAPE_FIELDS}
+    shape.update(n_kv_heads=cfg.model.kv_heads, vocab_size=vocab)
+    with torch.device("meta"):
+        module = GPT(cfg.model, vocab_size=vocab)
+    tensors: dict[str, tuple[int, ...]] = {"optim/step": (1,)}
+    for name, p in module.named_parameters():
+        for prefix in ("model", *(f"optim/{key}" for key in OPTIM_KEYS)):
+            tensors[f"{prefix}/{name}"] = tuple(p.shape)
+    return RunIdentity(shape, tokenizer_hash, data_fingerprint, tensors)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Everything a launch found before writing anything: the outcome of ``prepare``."""
+
+    cfg: FarmConfig
+    run_dir: Path
+    farm: Farm
+    plan: Plan
+    precision: str
+    vocab: int
+    identity: rundir.RunIdentity
+    new_identity: bool
+    """The run directory has no farm.json yet: it is written when the launch is accepted."""
+    checkpoint: RunIdentity
+    choice: ResumeChoice
+    writer: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    """Names this launch in the checkpoints it writes, so retention deletes only its own."""
+
+    def checkpoint_meta(self, resumed_from: int) -> dict[str, Any]:
+        return {"config_hash": self.identity.config_hash, **self.checkpoint.meta(), "writer": self.writer,
+                "resumed_from": resumed_from}
+
+
+def prepare(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -> Launch:
+    """All the checks of a launch; reads the run directory, writes nothing into it."""
     from farm.checkpoint import CheckpointStore
-    from farm.controller.cluster import connect
-    from farm.controller.controller import Controller, RunParts, preempted_message
-    from farm.tracking import Tracker
 
     farm = load_farm(cfg.topology, source=topology_file or "topology")
     manifest = ensure_data(cfg)
     vocab = padded_vocab(cfg.model, manifest.vocab_size)
-    identity = rundir.claim(run_dir, cfg, data_fingerprint=manifest.fingerprint,
-                            tokenizer_sha256=manifest.tokenizer_sha256)
+    identity, new = rundir.check(run_dir, cfg, data_fingerprint=manifest.fingerprint,
+                                 tokenizer_sha256=manifest.tokenizer_sha256)
     plan = build_plan(cfg, farm, vocab=vocab)
     precision = choose_precision(cfg, farm)
+    ckpt = checkpoint_identity(cfg, vocab=vocab, tokenizer_hash=manifest.tokenizer_sha256,
+                               data_fingerprint=manifest.fingerprint)
     store = CheckpointStore(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                             keep_every=cfg.checkpoint.keep_every)
-    skipped: list[str] = []
-    latest = store.latest_valid(on_skip=skipped.append) if cfg.checkpoint.resume else None
-    start_step = latest.step if latest is not None else 0
-    if start_step >= cfg.train.steps:
-        print(f"run {run_dir} is already at step {start_step} >= train.steps={cfg.train.steps}; nothing to do")
-        return 0
-    write_plan(run_dir, plan)
-    tracker = Tracker(cfg.tracking, run_dir=run_dir, run_name=cfg.run.name or run_dir.name, config=cfg.to_dict(),
-                      total_steps=cfg.train.steps, start_step=start_step)
+    choice = choose_resume(store, identity=ckpt, resume=cfg.checkpoint.resume,
+                           allow_fresh_start=cfg.checkpoint.allow_fresh_start)
+    return Launch(cfg, run_dir, farm, plan, precision, vocab, identity, new, ckpt, choice)
+
+
+def accept(launch: Launch, *, lock: RunDirLock, record_config: RecordConfig | None) -> list[str]:
+    """The first writes into the run directory; returns notes for the event log."""
+    run_dir = launch.run_dir
+    lock.write_lease()
+    if launch.new_identity:
+        rundir.record(run_dir, launch.identity)
+    if record_config is not None:
+        record_config(run_dir)
+    notes = []
+    for info in launch.choice.corrupt:
+        moved = move_aside(info, into=CORRUPT_DIR, reason=f"{info.name}: {info.problem}")
+        notes.append(f"checkpoint {info.name} is corrupt ({info.problem}); moved to {moved}")
+    for info in launch.choice.superseded:
+        moved = move_aside(info, into=SUPERSEDED_DIR, reason="checkpoint.resume=false started the run afresh")
+        notes.append(f"checkpoint.resume=false: {info.name} moved to {moved}; this run starts at step 0")
+    write_plan(run_dir, launch.plan)
+    return notes
+
+
+def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None,
+          record_config: RecordConfig | None = None) -> int:
+    """Run or resume; the run directory is locked for the whole call."""
+    lock = RunDirLock(run_dir).acquire()
+    accepted = False
+    try:
+        launch = prepare(cfg, run_dir=run_dir, topology_file=topology_file)
+        if launch.choice.step >= cfg.train.steps:
+            print(f"run {run_dir} is already at step {launch.choice.step} >= train.steps={cfg.train.steps}; "
+                  "nothing to do")
+            return 0
+        try:
+            notes = accept(launch, lock=lock, record_config=record_config)
+        except OSError as err:
+            raise RunDirError(os_problem(run_dir, err)) from err
+        accepted = True
+        return _run(launch, notes)
+    finally:
+        lock.release(remove_dir=not accepted)
+
+
+def _run(launch: Launch, notes: list[str]) -> int:
+    from farm.controller.cluster import connect
+    from farm.controller.controller import preempted_message
+    from farm.tracking import Tracker
+
+    cfg, plan, run_dir = launch.cfg, launch.plan, launch.run_dir
+    try:
+        tracker = Tracker(cfg.tracking, run_dir=run_dir, run_name=cfg.run.name or run_dir.name,
+                          config=cfg.to_dict(), total_steps=cfg.train.steps, start_step=launch.choice.step)
+    except OSError as err:
+        raise RunDirError(os_problem(run_dir, err)) from err
     exit_code = 1
     try:
-        for message in skipped:
-            tracker.event("checkpoint_skipped", detail=message)
-        tracker.event("start", step=start_step, layout={"dp": plan.dp, "tp": plan.tp, "pp": plan.pp},
+        for note in notes:
+            tracker.event("checkpoint_skipped", detail=note)
+        tracker.event("start", step=launch.choice.step, layout={"dp": plan.dp, "tp": plan.tp, "pp": plan.pp},
                       devices=plan.world_size, spares=list(plan.spares), notes=list(plan.notes))
-        parts = RunParts(
-            farm=farm, plan=plan, model=cfg.model, train=cfg.train, data=cfg.data, checkpoint=cfg.checkpoint,
-            run=cfg.run, run_dir=run_dir, vocab_size=vocab, decay_steps=identity.decay_steps, precision=precision,
-            checkpoint_meta={"config_hash": identity.config_hash, "tokenizer_hash": manifest.tokenizer_sha256,
-                             "data_fingerprint": manifest.fingerprint},
-        )
-        handle = connect(farm, address=cfg.run.ray_address)
+        handle = connect(launch.farm, address=cfg.run.ray_address)
         try:
-            controller = Controller(parts, tracker=tracker)
-            finished = controller.run(resume_path=str(latest.path) if latest else None, resume_step=start_step)
+            finished, controller = _train_falling_back(launch, tracker)
         finally:
             handle.close()
         tracker.event("end", step=finished.step, reason=finished.reason)
@@ -118,12 +235,81 @@ def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -
         tracker.close(exit_code=exit_code)
 
 
-def _task(cfg: DictConfig) -> int:
+def _train_falling_back(launch: Launch, tracker: Tracker) -> tuple[Finished, Controller]:
+    """Train from the chosen checkpoint; one whose contents fail their digests while the workers load
+    it is moved to checkpoints/corrupt/ and the next older sound one is tried."""
+    from farm.controller.controller import Controller, RunParts
+
+    cfg, choice = launch.cfg, launch.choice
+    while True:
+        parts = RunParts(
+            farm=launch.farm, plan=launch.plan, model=cfg.model, train=cfg.train, data=cfg.data,
+            checkpoint=cfg.checkpoint, run=cfg.run, run_dir=launch.run_dir, vocab_size=launch.vocab,
+            decay_steps=launch.identity.decay_steps, precision=launch.precision,
+            checkpoint_meta=launch.checkpoint_meta(choice.step),
+        )
+        controller = Controller(parts, tracker=tracker)
+        try:
+            resume = str(choice.info.path) if choice.info is not None else None
+            return controller.run(resume_path=resume, resume_step=choice.step), controller
+        except CheckpointCorrupt as err:
+            choice = _fall_back(launch, choice, err, tracker)
+
+
+def _fall_back(launch: Launch, choice: ResumeChoice, err: CheckpointCorrupt, tracker: Tracker) -> ResumeChoice:
+    from farm.checkpoint import CheckpointStore
+
+    bad = choice.info
+    if bad is None or err.path is None or Path(err.path).resolve() != bad.path.resolve():
+        raise err
+    moved = [move_aside(bad, into=CORRUPT_DIR, reason=str(err))]
+    tracker.event("checkpoint_skipped", detail=f"{err}; moved to {moved[0]}")
+    cfg = launch.cfg
+    store = CheckpointStore(launch.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                            keep_every=cfg.checkpoint.keep_every)
+    older = choose_resume(store, identity=launch.checkpoint, allow_fresh_start=True)
+    for info in older.corrupt:
+        moved.append(move_aside(info, into=CORRUPT_DIR, reason=f"{info.name}: {info.problem}"))
+        tracker.event("checkpoint_skipped", detail=f"checkpoint {info.name} is corrupt ({info.problem}); "
+                                                   f"moved to {moved[-1]}")
+    if older.info is None and not cfg.checkpoint.allow_fresh_start:
+        found = [dataclasses.replace(bad, valid=False, problem=str(err)), *older.corrupt]
+        raise no_sound_checkpoint(store.root, found, moved=moved)
+    return ResumeChoice(older.info)
+
+
+def record_hydra(cfg: DictConfig, run_dir: Path) -> None:
+    """What Hydra would have written into ``run_dir/.hydra/`` at start, written once accepted."""
     from hydra.core.hydra_config import HydraConfig
 
+    hydra_cfg: Any = HydraConfig.instance().cfg
+    assert hydra_cfg is not None
+    out = run_dir / ".hydra"
+    out.mkdir(exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
+                       ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        tmp = out / f".{name}.tmp"
+        try:
+            OmegaConf.save(node, tmp)
+            os.replace(tmp, out / name)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _task(cfg: DictConfig) -> int:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     typed, raw = to_farm_config(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return train(typed, run_dir=run_dir, topology_file=raw.get("topology_file"))
+    hydra_cfg = HydraConfig.get()
+    # A single run's directory is run.dir itself; Hydra is kept out of it (conf/config.yaml) until the
+    # launch is accepted. A sweep's jobs get run.dir/N from Hydra.
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+    else:
+        run_dir = Path(os.path.abspath(typed.run.dir))
+    return train(typed, run_dir=run_dir, topology_file=raw.get("topology_file"),
+                 record_config=lambda path: record_hydra(cfg, path))
 
 
 main = hydra_entry(_task)

@@ -48,17 +48,34 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 def claim(run_dir: Path, cfg: FarmConfig, *, data_fingerprint: str, tokenizer_sha256: str) -> RunIdentity:
     """Check that ``run_dir`` is this run's (or new), and record the identity if new."""
+    identity, new = check(run_dir, cfg, data_fingerprint=data_fingerprint, tokenizer_sha256=tokenizer_sha256)
+    if new:
+        record(run_dir, identity)
+    return identity
+
+
+def record(run_dir: Path, identity: RunIdentity) -> None:
+    """Write ``farm.json`` (through a temporary file, removed again if the write fails)."""
+    path = run_dir / IDENTITY_FILE
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(identity.to_json(), indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check(run_dir: Path, cfg: FarmConfig, *, data_fingerprint: str,
+          tokenizer_sha256: str) -> tuple[RunIdentity, bool]:
+    """This run's identity, and whether ``run_dir`` has none yet; refuses another config. Writes nothing."""
     view = math_view(cfg)
     path = run_dir / IDENTITY_FILE
     old = _load(path)
     if old is None:
         identity = RunIdentity(config_hash(view), view, data_fingerprint, tokenizer_sha256,
                                cfg.train.lr_decay_steps or cfg.train.steps)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(identity.to_json(), indent=2, sort_keys=True))
-        os.replace(tmp, path)
-        return identity
+        return identity, True
     changes = diff_views(old["math"], view)
     if old["data_fingerprint"] != data_fingerprint:
         changes.append(f"data (fingerprint {old['data_fingerprint'][:12]} -> {data_fingerprint[:12]})")
@@ -70,4 +87,4 @@ def claim(run_dir: Path, cfg: FarmConfig, *, data_fingerprint: str, tokenizer_sh
             "Use a new run.dir=... for a new experiment, or restore these values to resume this one"
         )
     decay = cfg.train.lr_decay_steps or int(old["decay_steps"])
-    return RunIdentity(old["config_hash"], view, data_fingerprint, tokenizer_sha256, decay)
+    return RunIdentity(old["config_hash"], view, data_fingerprint, tokenizer_sha256, decay), False

@@ -2,6 +2,10 @@
 
 Only the files whose slices intersect the requested box are opened, and ``safe_open``/``get_slice``
 map them so only the needed byte ranges are read. Files are safetensors (no code runs on load).
+
+With ``verify_on_read`` each file's sha256 is checked against the manifest the first time the reader
+opens it, so a restart verifies contents on the ranks, in parallel, each rank the files it loads,
+instead of on the driver before anything starts (benchmarks/bench_checkpoint.py measures both).
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from farm.checkpoint.manifest import DTYPES, Manifest, StoredSlice, TensorRecord, numel
-from farm.errors import CheckpointError
+from farm.checkpoint.parts import sha256_file
+from farm.errors import CheckpointCorrupt, CheckpointError
 
 Index = tuple[slice, ...] | slice | None
 
@@ -43,9 +48,10 @@ def _box(name: str, index: Index, shape: tuple[int, ...]) -> list[tuple[int, int
 class CheckpointReader:
     """Read access to one committed checkpoint; use as a context manager to close its files."""
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, verify_on_read: bool = False) -> None:
         self.path = path
         self.manifest = manifest
+        self.verify_on_read = verify_on_read
         self._files = contextlib.ExitStack()
         self._handles: dict[str, Any] = {}
 
@@ -130,10 +136,27 @@ class CheckpointReader:
 
     def _handle(self, file: str) -> Any:
         if file not in self._handles:
+            if self.verify_on_read:
+                self._verify(file)
             self._handles[file] = self._files.enter_context(
                 safe_open(str(self.path / file), framework="pt", device="cpu")
             )
         return self._handles[file]
+
+    def _verify(self, file: str) -> None:
+        record = self.manifest.files[file]
+        path = self.path / file
+        try:
+            size = path.stat().st_size
+            problem = (f"{size} bytes, the manifest says {record.size}" if size != record.size
+                       else "checksum mismatch" if sha256_file(path) != record.sha256 else None)
+        except OSError as err:
+            problem = err.strerror or str(err)
+        if problem:
+            raise CheckpointCorrupt(
+                f"checkpoint {self.path.name} is corrupt ({file}: {problem}), found while loading it",
+                str(self.path),
+            )
 
     def close(self) -> None:
         self._handles.clear()

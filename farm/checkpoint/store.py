@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 _DONE = ".done.json"
 """Marker written after a part file is complete: its size and sha256, read by the commit."""
 _NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+RESUMED_FROM = "resumed_from"
+"""Meta key: the step the writing run resumed from (0 when it started afresh)."""
+WRITER = "writer"
+"""Meta key: an id unique to the launch that wrote the checkpoint (retention deletes only its own)."""
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,14 @@ def verify_checkpoint(path: str | Path, *, full: bool = True) -> CheckpointInfo:
     return CheckpointInfo(step, path, valid=True if full else None)
 
 
-def open_checkpoint(info: CheckpointInfo | str | Path, *, verify: bool = True) -> CheckpointReader:
-    """A reader for one checkpoint; verify=True checks every sha256 first unless info says it was."""
+def open_checkpoint(
+    info: CheckpointInfo | str | Path, *, verify: bool = True, verify_on_read: bool = True
+) -> CheckpointReader:
+    """A reader for one checkpoint; verify=True checks every sha256 first unless info says it was.
+
+    Otherwise (verify=False) manifest and sizes are checked now and, with verify_on_read, each
+    file's sha256 when the reader first opens it: a mismatch raises CheckpointCorrupt then.
+    """
     if not isinstance(info, CheckpointInfo):
         info = CheckpointInfo(-1, Path(info))
     if verify and info.valid is not True:
@@ -143,7 +153,7 @@ def open_checkpoint(info: CheckpointInfo | str | Path, *, verify: bool = True) -
     manifest, problem = _check_manifest(info.path, full=False)
     if manifest is None or problem:
         raise CheckpointError(f"checkpoint {info.path} cannot be opened: {problem}")
-    return CheckpointReader(info.path, manifest)
+    return CheckpointReader(info.path, manifest, verify_on_read=verify_on_read and info.valid is not True)
 
 
 class CheckpointStore:
@@ -241,7 +251,7 @@ class CheckpointStore:
                 f"checkpoint {final} was committed but {self.root / LATEST} could not be updated "
                 f"({err.strerror}); readers still find {final.name} as the newest step directory"
             ) from err
-        self._apply_retention(step)
+        self._apply_retention(step, clean_meta)
         return CheckpointInfo(step, final)
 
     def abort(self, step: int) -> None:
@@ -341,20 +351,26 @@ class CheckpointStore:
 
     # -- retention ------------------------------------------------------------------------------
 
-    def _apply_retention(self, step: int) -> None:
+    def _apply_retention(self, step: int, meta: Mapping[str, Any]) -> None:
         """Keep the newest keep_last and every keep_every-th; drop leftovers of crashed saves.
 
-        Checkpoints newer than the one just committed belong to a future this run abandoned when it
-        resumed from an earlier step; they are removed so they never shadow the new timeline.
+        A checkpoint newer than the step this run resumed from (``meta[RESUMED_FROM]``) is removed
+        only if this run wrote it (``meta[WRITER]``): whatever else is there was written by someone
+        else, and retention is no licence to delete another run's work.
         """
         committed = self._committed()
         current = sorted(s for s in committed if s <= step)
         keep = set(current[-self.keep_last :]) | {step}
         if self.keep_every:
             keep |= {s for s in current if s % self.keep_every == 0}
+        resumed, writer = meta.get(RESUMED_FROM), meta.get(WRITER)
         for s, path in committed.items():
-            if s not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+            if s in keep:
+                continue
+            newer = s > step or (isinstance(resumed, int) and s > resumed)
+            if newer and (writer is None or _writer_of(path) != writer):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
         for entry in self._scan():
             tmp = TMP_DIR_RE.match(entry.name)
             stale = (tmp and int(tmp.group(1)) <= step) or entry.name.startswith(
@@ -422,6 +438,13 @@ class CheckpointStore:
 
     def open(self, info: CheckpointInfo, *, verify: bool = True) -> CheckpointReader:
         return open_checkpoint(info, verify=verify)
+
+
+def _writer_of(path: Path) -> Any:
+    try:
+        return parse_manifest((path / MANIFEST).read_bytes()).meta.get(WRITER)
+    except (OSError, CheckpointError):
+        return None
 
 
 def _build_manifest(

@@ -225,13 +225,23 @@ def test_retention_keeps_the_newest_and_every_kth(tmp_path: Path) -> None:
     assert read_all(store)[1]["w"].tolist() == [70.0, 70.0]
 
 
-def test_commit_of_an_earlier_step_drops_the_abandoned_future(tmp_path: Path) -> None:
-    store = CheckpointStore(tmp_path, keep_last=5)
+def test_retention_deletes_a_newer_checkpoint_only_if_this_run_wrote_it(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=1)
+    first = {"writer": "a", "resumed_from": 0}
     for step in (10, 20, 30):
-        save_full(store, step, {"w": torch.full((2,), float(step))})
-    save_full(store, 20, {"w": torch.full((2,), -1.0)})  # resumed from 10, saved 20 again
-    assert [i.step for i in store.list()] == [10, 20]
-    assert read_all(store)[1]["w"].tolist() == [-1.0, -1.0]
+        save(store, step, {"rank-00000": {"w": SliceEntry.full(torch.full((2,), float(step)))}}, **first)
+    assert [i.step for i in store.list()] == [30]
+    # Another launch on the same directory (a requeue overlapping the first, say) resumed from
+    # step 0 and saves step 5: it must not delete step 30, which it did not write.
+    second = {"writer": "b", "resumed_from": 0}
+    save(store, 5, {"rank-00000": {"w": SliceEntry.full(torch.full((2,), -1.0))}}, **second)
+    assert [i.step for i in store.list()] == [5, 30]
+    # A library caller that says nothing about its run never deletes a newer checkpoint either.
+    save_full(store, 7, {"w": torch.zeros(2)})
+    assert [i.step for i in store.list()] == [7, 30]
+    # The writer of step 30, resumed from 10 and saving 20 again, replaces its own future.
+    save(store, 20, {"rank-00000": {"w": SliceEntry.full(torch.full((2,), 2.0))}}, writer="a", resumed_from=10)
+    assert [i.step for i in store.list()] == [20]
 
 
 def corrupt_newest(root: Path, how: str) -> None:
