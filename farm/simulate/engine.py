@@ -29,6 +29,7 @@ from farm.controller.decisions import (
     WorkerFault,
 )  # fmt: skip
 from farm.controller.policy import FailurePolicy
+from farm.errors import PlanError
 from farm.plan.layout import Plan
 from farm.simulate.costs import PlanCosts
 from farm.simulate.failures import Draws, FailureSet
@@ -277,13 +278,14 @@ class Run:
             steps = state.s0
             self.charge_down(t)
         fault = WorkerFault(rank=0, node=node, kind=cause.kind, detail=cause.label)
-        ctx = self.context(state, int(steps), lost=(node,) if replace else ())
+        ctx = self.context(state, int(steps), lost=(node,) if replace else (), node=node)
         self.execute(t, self.s.controller.decide(fault, ctx), fault, state, float(d.repair_s[i]))
 
-    def context(self, state: Segment, step: int, *, lost: tuple[str, ...], waited: bool = False) -> FailureContext:
+    def context(self, state: Segment, step: int, *, lost: tuple[str, ...], node: str | None = None,
+                waited: bool = False) -> FailureContext:  # fmt: skip
         return FailureContext(
             step=step, failures=self.failures, plan=state.plan,
-            farm=self.farm.view(lost=lost), lost=lost, last_checkpoint=int(state.prior_ckpt),
+            farm=self.farm.view(nodes=(*((node,) if node else ()), *lost)), lost=lost, last_checkpoint=int(state.prior_ckpt),
             last_snapshot=int(state.prior_snap) if self.s.policy.restore == "memory" else None,
             repeats=self.repeats[lost[0]] if lost else 1, waited=waited,
         )  # fmt: skip
@@ -316,7 +318,14 @@ class Run:
                 self.push(t + detect + decision.timeout_s, "wait_over", (self.gen, fault, state))
         elif isinstance(decision, Shrink):
             self.lose(t, decision.lost, repair_s)
-            plan, took = self.replan(state.plan)
+            try:
+                plan, took = self.replan(state.plan)
+            except PlanError:  # the model does not fit the survivors: wait for the nodes instead
+                self.farm.rejoin(decision.lost)
+                why = "the survivors cannot hold the model"
+                self.execute(t, WaitForNode(nodes=decision.lost, timeout_s=math.inf, reason=why), fault, state,
+                             repair_s)  # fmt: skip
+                return
             new = Segment(t, state.s0, plan, state.prior_ckpt, state.prior_snap)
             self.go_down(t, [("detection", detect), ("replan", took), ("restart", s.restart_s),
                              ("restore", self.restore_s(plan))], new)  # fmt: skip
@@ -348,7 +357,7 @@ class Run:
         if gen != self.gen or self.down is None:
             return
         self.charge_down(t)
-        ctx = self.context(state, int(state.s0), lost=tuple(sorted(self.waiting)), waited=True)
+        ctx = self.context(state, int(state.s0), lost=tuple(sorted(self.waiting)), node=fault.node, waited=True)
         self.execute(t, self.s.controller.decide(fault, ctx), fault, state, 0.0)
 
     def on_repair(self, t: float, node: str) -> None:

@@ -83,6 +83,7 @@ def universe(raw: dict[str, Any], *, hot_per_pod: int, reserve: int, source: str
 
 def simulate(inputs: Inputs, *, record: bool = False) -> Study:
     sim = inputs.sim
+    policies = [sim_policy(name) for name in sim.policies]
     source = inputs.topology_file or "topology"
     fs = load_failures(sim.failures)
     base, _ = universe(inputs.topology, hot_per_pod=0, reserve=0, source=source)
@@ -95,7 +96,6 @@ def simulate(inputs: Inputs, *, record: bool = False) -> Study:
     step = plan.step_time_s
     ckpt_every = interval_steps(sim.checkpoint_every, cost_s=costs.save_stall_s, mtbf_s=mtbf_h * 3600,
                                 step_s=step, at_least=math.ceil(costs.write_s / step))  # fmt: skip
-    policies = [sim_policy(name) for name in sim.policies]
     snap_every = ckpt_every
     if any(p.restore == "memory" for p in policies):
         snap_every = min(ckpt_every, interval_steps(sim.snapshot_every, cost_s=costs.snapshot_stall_s,

@@ -64,17 +64,18 @@ class FarmState:
     def reserve_left(self) -> bool:
         return bool(self.cold)
 
-    def view(self, *, lost: tuple[str, ...]) -> Farm:
-        """The condensed farm a policy decides on (see the module docstring)."""
-        lost_nodes = [self.by_id[n] for n in lost if n in self.pos]
-        gone = Counter(n.pool for n in lost_nodes)
+    def view(self, *, nodes: tuple[str, ...]) -> Farm:
+        """The condensed farm a policy decides on: ``nodes`` (the fault's node and the lost ones, in
+        service or not) as themselves, the rest of each pool's nodes in service folded into one."""
+        concern = [self.by_id[n] for n in dict.fromkeys(nodes)]
+        inside = Counter(n.pool for n in concern if n.id in self.pos)
         rest = []
         for p in self.universe.pools:
-            devices = (self.counts[p.name] - gone[p.name]) * p.devices_per_node
+            devices = (self.counts[p.name] - inside[p.name]) * p.devices_per_node
             if devices > 0:
                 rest.append(Node(id=f"{p.name}/in-service", pool=p.name, rack="", devices=devices))
         spares = tuple(self.by_id[n] for n in (*self.hot, *self.cold))
-        return dataclasses.replace(self.universe, nodes=(*lost_nodes, *rest), spares=spares)
+        return dataclasses.replace(self.universe, nodes=(*concern, *rest), spares=spares)
 
     def healthy_and_lost(self) -> tuple[Farm, tuple[Node, ...]]:
         """The nodes in service as a Farm, in the universe's order, and the start's nodes now out."""
