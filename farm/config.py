@@ -125,16 +125,28 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Parallel degrees; 'auto' lets the planner choose."""
+    """Parallel degrees and schedule; 'auto' lets the planner choose (docs/planner.md)."""
 
     dp: int | str = "auto"
-    tp: int | str = 1
-    pp: int | str = 1
-    zero_stage: int | str = 1
+    tp: int | str = "auto"
+    pp: int | str = "auto"
+    zero_stage: int | str = "auto"
     """DeepSpeed ZeRO stage for data parallelism (0, 1, 2, 3 or 'auto')."""
     micro_batch: int | str = "auto"
     """Micro-batch size: an integer fixes it; 'auto' lets the planner choose among the divisors of
     train.micro_batch (it never changes the global batch, only the gradient accumulation)."""
+    virtual_stages: int | str = "auto"
+    """Pipeline chunks per device (interleaved 1F1B); 1 is plain 1F1B. 'auto' searches the values the
+    runtime runs."""
+    sequence_parallel: bool | str = "auto"
+    """Megatron sequence parallelism over the tensor-parallel group (true, false or 'auto')."""
+    recompute: str = "auto"
+    """Activation recomputation: 'none', 'full' (every block), 'selective' (the attention core) or
+    'auto'. model.activation_checkpointing=true means 'full'."""
+    runtime: str = "farm"
+    """What runs the plan: 'farm' (this package's runtime: plain 1F1B, no sequence parallelism, full
+    recomputation, ZeRO 0-2) or 'megatron' (a Megatron-LM-style stack: interleaving, sequence
+    parallelism, selective recomputation). 'auto' values are chosen among what it runs."""
 
 
 @dataclass(frozen=True)
@@ -324,7 +336,7 @@ def validate(cfg: FarmConfig) -> None:
     _validate_train(t)
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16")
-    for name in ("dp", "tp", "pp", "zero_stage", "micro_batch"):
+    for name in ("dp", "tp", "pp", "zero_stage", "micro_batch", "virtual_stages"):
         value = getattr(p, name)
         if isinstance(value, str) and value != "auto":
             raise ConfigError(f"parallel.{name}={value!r}: use a positive integer or 'auto'")
@@ -332,6 +344,10 @@ def validate(cfg: FarmConfig) -> None:
             raise ConfigError(f"parallel.{name}={value}: must be a positive integer or 'auto'")
     if isinstance(p.zero_stage, int) and p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: use 0, 1, 2, 3 or 'auto'")
+    if isinstance(p.sequence_parallel, str) and p.sequence_parallel != "auto":
+        raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r}: use true, false or 'auto'")
+    if p.recompute not in ("auto", "none", "full", "selective"):
+        raise ConfigError(f"parallel.recompute={p.recompute!r}: use auto, none, full or selective")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.tracking.mode not in ("offline", "online", "disabled"):

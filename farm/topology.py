@@ -59,6 +59,42 @@ def emulated_spec(kind: str) -> AcceleratorSpec:
 
 
 @dataclass(frozen=True)
+class DevicePerformance:
+    """How close one accelerator model gets to its peak, as the planner's time model uses it.
+
+    ``gemm_efficiency`` and ``attention_efficiency`` of A100 and H100 are fitted on the calibration runs
+    of farm/plan/calibration_runs.yaml (docs/calibration.md); the other figures are datasheet values
+    or stated assumptions. A topology file may override any of them under ``accelerator``.
+    """
+
+    memory_bandwidth: float
+    """HBM bytes/s (datasheet); bounds the element-wise work (norms, activations, optimizer step)."""
+    gemm_efficiency: float
+    """Fraction of peak that large bf16 GEMMs sustain (the ceiling of the shape curve)."""
+    gemm_knee: float
+    """Matrix dimension at which a GEMM runs at half its ceiling along that dimension: efficiency is
+    gemm_efficiency x M/(M+k) x N/(N+k) x K/(K+k), so thin GEMMs (small micro-batches, wide tensor
+    parallelism) underuse the device."""
+    attention_efficiency: float
+    """Fraction of peak a fused (flash) attention kernel sustains on the FLOPs it executes."""
+
+
+PERFORMANCE: dict[str, DevicePerformance] = {
+    # A100 SXM4: 2,039 GB/s HBM2e (80 GB), 1,555 GB/s (40 GB), NVIDIA A100 datasheet.
+    "A100-SXM4-80GB": DevicePerformance(2039e9, 0.819, 128, 0.259),
+    "A100-SXM4-40GB": DevicePerformance(1555e9, 0.819, 128, 0.259),
+    # H100 SXM5: 3.35 TB/s HBM3, NVIDIA H100 datasheet. Peak grew 3.2x over A100, memory 1.6x.
+    "H100-SXM5-80GB": DevicePerformance(3350e9, 0.703, 256, 0.171),
+    # No calibration runs for these two: the A100 ceilings are assumed. Ascend 910B: 1.6 TB/s HBM2e
+    # (published figures); Gaudi 2: 2.45 TB/s HBM2e (Habana Gaudi2 white paper).
+    "Ascend-910B": DevicePerformance(1600e9, 0.80, 128, 0.50),
+    "Gaudi2-HL-225H": DevicePerformance(2450e9, 0.80, 128, 0.50),
+}
+DEFAULT_PERFORMANCE = DevicePerformance(2000e9, 0.80, 128, 0.50)
+"""For accelerator models not in the table (emulated devices among them)."""
+
+
+@dataclass(frozen=True)
 class DeviceModel:
     """The accelerator installed in every node of a pool."""
 
@@ -68,6 +104,7 @@ class DeviceModel:
     memory_bytes: int
     peak_flops: float
     """Dense bf16/fp16 FLOP/s of one device (no sparsity)."""
+    performance: DevicePerformance = DEFAULT_PERFORMANCE
 
 
 @dataclass(frozen=True)
@@ -381,15 +418,34 @@ def _pool(raw: Any, path: str) -> NodePool:
     )
 
 
+_PERF_FIELDS = ("memory_bandwidth_gbs", "gemm_efficiency", "gemm_knee", "attention_efficiency")
+
+
 def _accelerator(raw: Any, path: str) -> DeviceModel:
-    a = _Reader(raw, path, ("kind", "model", "devices_per_node", "memory_gib", "peak_tflops"))
+    a = _Reader(raw, path, ("kind", "model", "devices_per_node", "memory_gib", "peak_tflops", *_PERF_FIELDS))
+    model = a.text("model")
+    base = PERFORMANCE.get(model, DEFAULT_PERFORMANCE)
+    perf = DevicePerformance(
+        memory_bandwidth=a.number("memory_bandwidth_gbs", base.memory_bandwidth / 1e9) * 1e9,
+        gemm_efficiency=_fraction(a, "gemm_efficiency", base.gemm_efficiency),
+        gemm_knee=a.number("gemm_knee", base.gemm_knee, strict=False),
+        attention_efficiency=_fraction(a, "attention_efficiency", base.attention_efficiency),
+    )
     return DeviceModel(
         kind=a.choice("kind", KINDS),
-        model=a.text("model"),
+        model=model,
         devices_per_node=a.integer("devices_per_node"),
         memory_bytes=int(a.number("memory_gib") * GiB),
         peak_flops=a.number("peak_tflops") * 1e12,
+        performance=perf,
     )
+
+
+def _fraction(r: _Reader, key: str, default: float) -> float:
+    value = r.number(key, default)
+    if value > 1.0:
+        raise TopologyError(f"{r.where(key)}: a fraction of peak must be at most 1, got {value!r}")
+    return value
 
 
 def _intra(raw: Any, path: str, devices_per_node: int) -> Link:

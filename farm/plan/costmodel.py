@@ -24,36 +24,47 @@ Num = Any  # a float or a numpy array of floats
 
 @dataclass(frozen=True)
 class CostParams:
-    """Assumptions of the model. Defaults are calibrated in docs/calibration.md."""
+    """Assumptions of the model that are not properties of one accelerator (those live in
+    farm.topology.PERFORMANCE). docs/calibration.md says which are fitted and which are assumed."""
 
-    matmul_efficiency: float = 0.8
-    """Fraction of peak FLOP/s that large, well-shaped GEMMs reach (the ceiling of the curve below)."""
-    tokens_knee: float = 128.0
-    """Micro-batch tokens (b·s) at which GEMMs run at half the ceiling."""
-    width_knee: float = 512.0
-    """Hidden columns per tensor-parallel rank (h/t) at which GEMMs run at half the ceiling."""
+    layer_overhead_s: float = 2.95e-4
+    """Fixed seconds per block and micro-batch (forward and backward): kernel launches, synchronisation
+    and the runtime's per-micro-batch bookkeeping. Fitted (docs/calibration.md)."""
+    token_knee: float = 0.0
+    """Extra half-saturation point of the token (micro-batch) dimension of block GEMMs. Fitted."""
+    hbm_efficiency: float = 0.7
+    """Fraction of HBM bandwidth that element-wise kernels (norms, activations, residuals, the optimizer
+    step) reach."""
+    optimizer_bytes: float = 32.0
+    """HBM bytes an Adam step moves per locally held parameter (read gradient, fp32 master and both
+    moments, write them back and the bf16 copy)."""
     link_efficiency: float = 0.7
     """Fraction of the intra-node link a ring collective achieves (NCCL/HCCL bus bandwidth)."""
     network_efficiency: float = 0.8
     """Fraction of NIC bandwidth a collective or a point-to-point send achieves."""
     dp_overlap: float = 0.8
-    """Fraction of the last micro-batch's backward that hides the data-parallel gradient reduction
-    (bucketed reduction as backward proceeds); ZeRO-3 gathers overlap each micro-batch instead."""
+    """Fraction of the backward pass that hides data-parallel gradient traffic (bucketed reduction as
+    backward proceeds): the last micro-batch's for ZeRO 0/1, every micro-batch's for ZeRO-2; ZeRO-3
+    hides its gathers behind the same fraction of each micro-batch's forward and backward."""
+    overlap_slowdown: float = 0.63
+    """Fraction of the communication hidden behind compute that still delays it (collective kernels
+    take SMs and memory bandwidth from the GEMMs). Fitted (docs/calibration.md)."""
     fragmentation: float = 0.10
     """Memory margin for allocator fragmentation and temporaries, as a fraction of what is allocated."""
     flash_attention: bool = True
-    """Attention scores are never stored (fused attention kernels, torch SDPA)."""
-    sequence_parallel: bool = False
-    """Megatron sequence parallelism: LayerNorm/dropout activations also split by t."""
-    interleave: int = 1
-    """Virtual stages per device (interleaved 1F1B). farm's runtime runs plain 1F1B; calibration against
-    published runs that interleaved sets it."""
+    """Fused attention kernels: scores never stored, causal half skipped. False models the 2021
+    Megatron-LM kernels (scores materialised, softmax in HBM)."""
     fp32_speed: float = 0.5
     """fp32 (TF32) GEMM rate relative to bf16 on accelerators; CPUs compute fp32 at their quoted peak."""
 
     def reserved_bytes(self, kind: str) -> float:
         """Runtime memory outside the allocator: CUDA/CANN/Synapse context, communicator buffers."""
         return {"gpu": 1.5, "npu": 2.0, "hpu": 1.5}.get(kind, 0.25) * GiB
+
+
+RECOMPUTE = ("none", "full", "selective")
+"""Activation recomputation codes used in layouts (c = 0, 1, 2): 'selective' recomputes only the
+attention core (Korthikanti et al. 2022), which fused attention kernels do anyway."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +86,18 @@ class Hardware:
     pod_slots: int
     rack_over: float
     pod_over: float
+    hbm_bw: float = 2e12
+    """HBM bytes/s times CostParams.hbm_efficiency."""
+    gemm_eff: float = 0.8
+    gemm_knee: float = 128.0
+    attn_eff: float = 0.5
 
     @classmethod
     def of(cls, pool: NodePool, farm: Farm, cost: CostParams) -> Hardware:
         kind = "cpu" if farm.emulate == "cpu" else pool.accelerator.kind
         dpn = pool.devices_per_node
         racks_per_pod = pool.racks_per_pod or -(-(pool.nodes + pool.spares) // pool.nodes_per_rack)
+        perf = pool.accelerator.performance
         return cls(
             kind=kind,
             peak_flops=pool.accelerator.peak_flops,
@@ -96,16 +113,45 @@ class Hardware:
             pod_slots=pool.nodes_per_rack * racks_per_pod * dpn,
             rack_over=pool.rack_oversubscription,
             pod_over=pool.pod_oversubscription,
+            hbm_bw=perf.memory_bandwidth * cost.hbm_efficiency,
+            gemm_eff=perf.gemm_efficiency,
+            gemm_knee=perf.gemm_knee,
+            attn_eff=perf.attention_efficiency,
         )
 
 
+def peak_rate(hw: Hardware, prec: Precision, cost: CostParams) -> float:
+    """Peak FLOP/s at this precision (fp32 runs at ``fp32_speed`` of bf16 on accelerators)."""
+    return hw.peak_flops * (cost.fp32_speed if (prec.name == "fp32" and hw.kind != "cpu") else 1.0)
+
+
+def gemm_efficiency(hw: Hardware, m: Num, n: Num, k: Num, *, token_knee: float = 0.0) -> Num:
+    """Fraction of peak one (m x k) @ (k x n) GEMM sustains: the accelerator's ceiling times a
+    saturating curve in each dimension (thin matrices leave the device's tiles half empty). The token
+    dimension m of a block's GEMMs also carries ``token_knee`` (CostParams): what is fixed per kernel
+    (launch, prologue, weight reads) is amortised over the tokens of one micro-batch."""
+    q = hw.gemm_knee
+    return hw.gemm_eff * m / (m + q + token_knee) * n / (n + q) * k / (k + q)
+
+
+def block_gemms(shape: ModelShape, *, t: Num) -> list[tuple[Num, Num]]:
+    """(K, N) of the four matrix products of one block on one tensor-parallel rank: QKV, attention
+    output, MLP in (two matrices for SwiGLU), MLP out."""
+    hd = shape.d_model // shape.n_heads
+    q, kv, h = shape.n_heads * hd, shape.kv_heads * hd, shape.d_model
+    mlp_in = (2 if shape.swiglu else 1) * shape.d_ff
+    return [(h, (q + 2 * kv) / t), (q / t, h), (h, mlp_in / t), (shape.d_ff / t, h)]
+
+
 def speed(hw: Hardware, prec: Precision, cost: CostParams, *, shape: ModelShape, t: Num, b: Num) -> Num:
-    """Sustained FLOP/s of one device on this model's GEMMs: peak x a saturating efficiency curve
-    in the micro-batch tokens and in the per-rank width (small GEMMs underuse the device)."""
-    tokens, width = b * shape.seq_len, shape.d_model / t
-    eff = cost.matmul_efficiency * tokens / (tokens + cost.tokens_knee) * width / (width + cost.width_knee)
-    rate = cost.fp32_speed if (prec.name == "fp32" and hw.kind != "cpu") else 1.0
-    return hw.peak_flops * rate * eff
+    """Sustained FLOP/s of one device on this model's block GEMMs (for splitting layers across pools)."""
+    tokens = b * shape.seq_len
+    flops = sum(k * n for k, n in block_gemms(shape, t=t))
+    secs = sum(
+        k * n / gemm_efficiency(hw, tokens, n, k, token_knee=cost.token_knee)
+        for k, n in block_gemms(shape, t=t)
+    )
+    return peak_rate(hw, prec, cost) * flops / secs
 
 
 def ring_allreduce(nbytes: Num, n: Num, bw: float, lat: float) -> Num:
@@ -127,20 +173,23 @@ def stage_params(shape: ModelShape, *, n: Num, first: Num, last: Num, t: Num) ->
     )
 
 
-def layer_activation_bytes(shape: ModelShape, prec: Precision, cost: CostParams, *, t: Num, b: Num) -> Num:
+def layer_activation_bytes(
+    shape: ModelShape, prec: Precision, cost: CostParams, *, t: Num, b: Num, sp: Num = 0, c: Num = 0
+) -> Num:
     """Activations one block keeps for backward, per micro-batch (Korthikanti et al. 2022, generalised
     to GQA and SwiGLU): inputs of the two LayerNorms, of QKV and of the MLP stay whole on every
-    tensor-parallel rank; Q, K, V, the attention output and the MLP hidden are split by t."""
+    tensor-parallel rank unless sequence parallelism (sp) splits them too; Q, K, V, the attention
+    output and the MLP hidden are split by t. Without fused attention the scores are kept too, unless
+    selective recomputation (c = 2) rebuilds them."""
     a, h, tokens = prec.activation, shape.d_model, b * shape.seq_len
     kv = shape.kv_heads * (h // shape.n_heads)
     mlp_hidden = (4 if shape.swiglu else 2) * shape.d_ff
     whole = tokens * h * (4 * a + (2 if shape.dropout else 0))
     split = tokens * a * (2 * h + 2 * kv + mlp_hidden)
     if not cost.flash_attention:
-        split = split + tokens * shape.n_heads * shape.seq_len * (a + (1 + a if shape.dropout else 0))
-    if cost.sequence_parallel:
-        return (whole + split) / t
-    return whole + split / t
+        scores = tokens * shape.n_heads * shape.seq_len * (a + (1 + a if shape.dropout else 0))
+        split = split + np.where(c == 2, 0, scores)
+    return np.where(sp, (whole + split) / t, whole + split / t)
 
 
 def stage_memory(
@@ -158,20 +207,22 @@ def stage_memory(
     z: Num,
     b: Num,
     c: Num,
+    sp: Num = 0,
 ) -> dict[str, Num]:
     """Bytes on one device of a stage: ZeRO shards optimizer state (z>=1), gradients (z>=2) and
-    parameters (z>=3, plus two gathered layers in flight) over the d data-parallel ranks; 1F1B keeps
-    ``inflight`` micro-batches of activations; checkpointing keeps only each block's input and
-    rebuilds one block's activations at a time."""
+    parameters (z>=3, plus two gathered layers in flight) over the d data-parallel ranks; the schedule
+    keeps ``inflight`` micro-batches of the stage's activations (see :func:`inflight`); full
+    recomputation (c = 1) keeps only each block's input and rebuilds one block at a time."""
     params = stage_params(shape, n=n, first=first, last=last, t=t)
     w = prec.weight
     weights = params * w / np.where(z >= 3, d, 1) + np.where(z >= 3, 2 * shape.layer_matrix_params / t * w, 0)
     grads = params * w / np.where(z >= 2, d, 1)
     optimizer = params * prec.optimizer / np.where(z >= 1, d, 1)
-    full = layer_activation_bytes(shape, prec, cost, t=t, b=b)
-    kept = b * shape.seq_len * shape.d_model * prec.activation / (t if cost.sequence_parallel else 1)
+    full = layer_activation_bytes(shape, prec, cost, t=t, b=b, sp=sp, c=c)
+    kept = b * shape.seq_len * shape.d_model * prec.activation / np.where(sp, t, 1)
     logits = last * b * shape.seq_len * shape.vocab / t * (prec.activation + 4)  # + fp32 copy for the loss
-    acts = inflight * n * np.where(c, kept, full) + np.where(c, full, 0) + logits
+    ckpt = c == 1
+    acts = inflight * n * np.where(ckpt, kept, full) + np.where(ckpt, full, 0) + logits
     allocated = weights + grads + optimizer + acts
     margin = cost.fragmentation * allocated + hw.reserved_bytes
     return {
@@ -185,7 +236,19 @@ def stage_memory(
     }
 
 
+def inflight(*, i: Num, p: Num, m: Num, v: Num) -> Num:
+    """Micro-batches of a whole stage's activations that stage i holds at the peak of the schedule.
+    Plain 1F1B: p - i. Interleaved (v chunks of n/v blocks): Megatron's warm-up of
+    2(p - i - 1) + (v - 1)p chunks plus the one in flight, i.e. that many /v stage-equivalents."""
+    plain = p - i
+    chunks = 2 * (p - i - 1) + (v - 1) * p + 1
+    return np.minimum(np.where(v > 1, chunks / np.maximum(v, 1), plain), m)
+
+
 # --- time -------------------------------------------------------------------------------------------
+
+TERMS = ("compute", "recompute", "tp_comm", "pp_comm", "bubble", "dp_comm", "optimizer")
+"""The parts of a step's time, in seconds; they add up to the step time (farm.plan --explain)."""
 
 
 def stage_times(
@@ -199,20 +262,74 @@ def stage_times(
     t: Num,
     b: Num,
     c: Num,
-) -> tuple[Num, Num]:
-    """(compute, tensor-parallel communication) seconds of one micro-batch's forward and backward.
+    sp: Num = 0,
+) -> dict[str, Num]:
+    """Seconds of one micro-batch's forward and backward on one device of a stage, by part.
 
-    Backward costs twice the forward; checkpointing adds one more forward of the blocks. Megatron
-    tensor parallelism all-reduces the b·s·h activations twice per block forward and twice backward
-    (two more when the forward is recomputed), over the intra-node link, not overlapped.
+    compute: the blocks' GEMMs (each at its shape's efficiency), attention, element-wise work bound
+    by HBM bandwidth, a fixed overhead per block, and the output head with its loss on the last
+    stage. recompute: one more forward of the blocks (c = 1) or of the attention core (c = 2).
+    tp: Megatron's two all-reduces (or all-gather/reduce-scatter pairs with sequence parallelism,
+    the same volume) per block forward and two backward, plus two when the forward is recomputed,
+    over the intra-node link, not overlapped.
     """
-    per_token = n * shape.layer_flops_per_token + last * shape.head_flops_per_token
-    recompute = c * n * shape.layer_flops_per_token / 3
-    flops = b * shape.seq_len * (per_token + recompute) / t
-    compute = flops / speed(hw, prec, cost, shape=shape, t=t, b=b)
-    act = b * shape.seq_len * shape.d_model * prec.activation
-    tp = n * (4 + 2 * c) * ring_allreduce(act, t, hw.intra_bw, hw.intra_lat)
-    return compute, np.where(t > 1, tp, 0.0)
+    rate = peak_rate(hw, prec, cost)
+    s, h, a = shape.seq_len, shape.d_model, prec.activation
+    tokens = b * s
+    knee = cost.token_knee
+    gemm = sum(
+        6 * tokens * k * nn / (rate * gemm_efficiency(hw, tokens, nn, k, token_knee=knee))
+        for k, nn in block_gemms(shape, t=t)
+    )
+    attn, attn_fwd = _attention(shape, prec, cost, hw, t=t, b=b)
+    hbm = hw.hbm_bw
+    whole = (20 + (4 if shape.dropout else 0)) * h
+    kv = shape.kv_heads * (h // shape.n_heads)
+    split = (8 if shape.swiglu else 5) * shape.d_ff + 4 * (h + kv)
+    elem = tokens * a * (whole / np.where(sp, t, 1) + split / t) / hbm
+    block = gemm + attn + elem + cost.layer_overhead_s
+    head_gemm = (
+        6
+        * tokens
+        * h
+        * shape.vocab
+        / t
+        / (rate * gemm_efficiency(hw, tokens, shape.vocab / t, h, token_knee=knee))
+    )
+    head = head_gemm + tokens * shape.vocab / t * 16 / hbm
+    recompute = np.where(c == 1, (gemm + elem) / 3 + attn_fwd, np.where(c == 2, attn_fwd, 0.0))
+    act = tokens * h * a
+    tp = n * (4 + 2 * (c == 1)) * ring_allreduce(act, t, hw.intra_bw, hw.intra_lat)
+    return {
+        "compute": n * block + last * head,
+        "recompute": n * recompute,
+        "tp": np.where(t > 1, tp, 0.0),
+    }
+
+
+def _attention(
+    shape: ModelShape, prec: Precision, cost: CostParams, hw: Hardware, *, t: Num, b: Num
+) -> tuple[Num, Num]:
+    """(forward + backward, forward) seconds of one block's attention core per micro-batch.
+
+    Fused kernels execute the causal half only: 2·s·h FLOPs per token forward, 5·s·h backward (with the
+    scores rebuilt). Unfused (2021) kernels run the full s x s products as batched GEMMs (4·s·h forward,
+    8·s·h backward) and move the scores through HBM for mask, softmax and dropout."""
+    rate = peak_rate(hw, prec, cost)
+    s, h = shape.seq_len, shape.d_model
+    tokens = b * s
+    if cost.flash_attention:
+        per = tokens * s * h / t / (rate * hw.attn_eff)
+        return 7 * per, 2 * per
+    hd = h // shape.n_heads
+    gemm = tokens * s * h / t / (rate * gemm_efficiency(hw, s, s, hd))
+    scores = tokens * s * shape.n_heads / t * prec.activation / hw.hbm_bw
+    return 12 * gemm + 10 * scores, 4 * gemm + 4 * scores
+
+
+def optimizer_time(cost: CostParams, hw: Hardware, *, params: Num, d: Num, z: Num) -> Num:
+    """The Adam step over the parameters this device updates (its ZeRO shard), bound by HBM."""
+    return params / np.where(z >= 1, d, 1) * cost.optimizer_bytes / hw.hbm_bw
 
 
 def p2p_time(shape: ModelShape, prec: Precision, *, t: Num, b: Num, bw: Num, lat: Num) -> Num:
@@ -267,26 +384,41 @@ def dp_exposed(
         + 2.0 * hw.inter_lat * np.log2(np.maximum(nodes, 1))
     )
     backward = compute_mb * 2.0 / 3.0
-    once = np.maximum(0.0, allreduce - cost.dp_overlap * backward)
-    zero2 = m * np.maximum(0.0, allreduce / 2 - cost.dp_overlap * backward) + allreduce / 2
-    zero3 = m * np.maximum(0.0, 1.5 * allreduce - cost.dp_overlap * compute_mb)
+
+    def exposed_part(comm: Num, window: Num) -> Num:
+        hidden = np.minimum(comm, cost.dp_overlap * window)
+        return comm - hidden + cost.overlap_slowdown * hidden
+
+    once = exposed_part(allreduce, backward)
+    zero2 = m * exposed_part(allreduce / 2, backward) + allreduce / 2
+    zero3 = m * exposed_part(1.5 * allreduce, compute_mb)
     exposed = np.where(z >= 3, zero3, np.where(z == 2, zero2, once))
     return np.where(d > 1, exposed, 0.0)
 
 
 def pipeline(
-    cost: CostParams, *, m: Num, p: Num, stage_mb: Num, comm_mb: Num, p2p: Num, dp: Num
+    *, m: Num, p: Num, v: Num, stage: dict[str, Num], p2p: Num, dp: Num, optimizer: Num
 ) -> dict[str, Num]:
-    """Step time of 1F1B: (m + p - 1) slots of the slowest stage's micro-batch (forward, backward
-    and two transfers), then the exposed DP reduction. Bubble = (p-1)/(m+p-1); interleaving v
-    virtual stages divides the fill by v and multiplies the transfers by v."""
-    v = cost.interleave
+    """Step time of 1F1B, interleaved over v virtual stages per device: (m + (p - 1)/v) slots of the
+    slowest stage's micro-batch (its compute, recomputation, tensor-parallel traffic and 2v
+    transfers), then the exposed DP reduction and the optimizer step. Bubble = fill / slots."""
     fill = (p - 1) / v
     p2p = np.where(p > 1, p2p, 0.0)
+    slot = stage["compute"] + stage["recompute"] + stage["tp"] + 2 * v * p2p
     slots = m + fill
-    step = slots * (stage_mb + 2 * v * p2p) + dp
+    step = slots * slot + dp + optimizer
+    terms = {
+        "compute": m * stage["compute"],
+        "recompute": m * stage["recompute"],
+        "tp_comm": m * stage["tp"],
+        "pp_comm": m * 2 * v * p2p,
+        "bubble": fill * slot,
+        "dp_comm": dp + 0 * step,
+        "optimizer": optimizer + 0 * step,
+    }
     return {
         "step_time_s": step,
         "bubble": fill / slots,
-        "comm_time_s": slots * (comm_mb + 2 * v * p2p) + dp,
+        "comm_time_s": slots * (stage["tp"] + 2 * v * p2p) + dp,
+        **terms,
     }

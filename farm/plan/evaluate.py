@@ -81,22 +81,42 @@ def _segment(farm: Farm, cost: cm.CostParams, names: tuple[str, ...]) -> Segment
 # --- the vectorised screen -------------------------------------------------------------------------
 
 
+KEYS = ("t", "p", "d", "b", "z", "c", "v", "sp")
+"""Grid columns: degrees, micro-batch, ZeRO stage, recomputation code (costmodel.RECOMPUTE), virtual
+stages per device, sequence parallelism (0/1)."""
+
+
 def screen(mdl: Model, seg: Segment, grid: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Memory and step time of every layout in ``grid`` (arrays t, p, d, b, z, c) on one segment.
+    """Memory and step time of every layout in ``grid`` (arrays of :data:`KEYS`) on one segment.
 
     Adds ``ratio`` (peak memory / capacity) for all rows and ``step_time_s`` (inf where it does not
     fit)."""
     shape, L = mdl.shape, mdl.shape.n_layers
-    t, p, d, b, z, c = (grid[k] for k in ("t", "p", "d", "b", "z", "c"))
+    grid = {k: grid[k] if k in grid else np.zeros_like(grid["t"]) for k in KEYS}
+    grid["v"] = np.maximum(grid["v"], 1)
+    t, p, d, b, z, c, v, sp = (grid[k] for k in KEYS)
     m = mdl.global_batch // (d * b)
     base, extra = L // p, L % p
     reps = (
-        dict(n=base, first=1, last=(p == 1) * 1, inflight=np.minimum(p, m), on=np.ones_like(p, dtype=bool)),
-        dict(n=base + 1, first=0, last=0, inflight=np.minimum(p - 1, m), on=extra >= 1),
-        dict(n=base + (extra == p - 1), first=0, last=1, inflight=np.minimum(1, m), on=p >= 2),
+        dict(n=base, first=1, last=(p == 1) * 1, i=0, on=np.ones_like(p, dtype=bool)),
+        dict(n=base + 1, first=0, last=0, i=1, on=extra >= 1),
+        dict(n=base + (extra == p - 1), first=0, last=1, i=p - 1, on=p >= 2),
     )
     mem = [
-        cm.stage_memory(shape, mdl.prec, mdl.cost, seg.hw, t=t, d=d, z=z, b=b, c=c, **_k(r, "inflight"))
+        cm.stage_memory(
+            shape,
+            mdl.prec,
+            mdl.cost,
+            seg.hw,
+            t=t,
+            d=d,
+            z=z,
+            b=b,
+            c=c,
+            sp=sp,
+            inflight=cm.inflight(i=r["i"], p=p, m=m, v=v),
+            **_k(r),
+        )
         for r in reps
     ]
     total = np.max([np.where(r["on"], mm["total"], 0.0) for r, mm in zip(reps, mem)], axis=0)
@@ -116,28 +136,31 @@ def _rows(value: Any, mask: np.ndarray) -> Any:
     return value[mask] if isinstance(value, np.ndarray) and value.shape == mask.shape else value
 
 
-def _k(rep: dict[str, Any], *keys: str) -> dict[str, Any]:
-    wanted = ("n", "first", "last", *keys)
-    return {k: rep[k] for k in wanted}
+def _k(rep: dict[str, Any]) -> dict[str, Any]:
+    return {k: rep[k] for k in ("n", "first", "last")}
 
 
 def _step_time(mdl: Model, seg: Segment, g: dict[str, np.ndarray], reps: list[dict[str, Any]]) -> np.ndarray:
     shape, prec, cost, hw = mdl.shape, mdl.prec, mdl.cost, seg.hw
-    t, p, d, b, z, c, m = (g[k] for k in ("t", "p", "d", "b", "z", "c", "m"))
+    t, p, d, b, z, c, v, sp, m = (g[k] for k in (*KEYS, "m"))
     local, slow = cm.dp_locality(hw, replica=t * p, d=d, pool_slots=seg.pool_slots, pool_over=seg.pool_over)
-    stage = np.zeros(t.shape)
-    comm = np.zeros(t.shape)
-    dp = np.zeros(t.shape)
+    zero = np.zeros(t.shape)
+    stage = {"compute": zero, "recompute": zero, "tp": zero}
+    slowest = zero
+    dp = opt = zero
     for r in reps:
-        compute, tp = cm.stage_times(shape, prec, cost, hw, n=r["n"], last=r["last"], t=t, b=b, c=c)
-        grads = cm.stage_params(shape, n=r["n"], first=r["first"], last=r["last"], t=t) * prec.weight
+        times = cm.stage_times(shape, prec, cost, hw, n=r["n"], last=r["last"], t=t, b=b, c=c, sp=sp)
+        total = np.where(r["on"], times["compute"] + times["recompute"] + times["tp"], 0.0)
+        better = total > slowest
+        stage = {k: np.where(better, times[k], stage[k]) for k in stage}
+        slowest = np.maximum(slowest, total)
+        params = cm.stage_params(shape, n=r["n"], first=r["first"], last=r["last"], t=t)
         exposed = cm.dp_exposed(
-            hw, cost, grad_bytes=grads, d=d, local=local, slow=slow, z=z, m=m, compute_mb=compute
-        )
-        total = np.where(r["on"], compute + tp, 0.0)
-        comm = np.where(total > stage, tp, comm)
-        stage = np.maximum(stage, total)
+            hw, cost, grad_bytes=params * prec.weight, d=d, local=local, slow=slow, z=z, m=m,
+            compute_mb=times["compute"] + times["recompute"],
+        )  # fmt: skip
         dp = np.maximum(dp, np.where(r["on"], exposed, 0.0))
+        opt = np.maximum(opt, np.where(r["on"], cm.optimizer_time(cost, hw, params=params, d=d, z=z), 0.0))
     crosses = (p > 1) & (hw.devices_per_node % (t * p) != 0)
     p2p = cm.p2p_time(
         shape,
@@ -147,7 +170,7 @@ def _step_time(mdl: Model, seg: Segment, g: dict[str, np.ndarray], reps: list[di
         bw=np.where(crosses, hw.nic_bw, hw.intra_bw),
         lat=np.where(crosses, hw.inter_lat, hw.intra_lat),
     )
-    est = cm.pipeline(cost, m=m, p=p, stage_mb=stage, comm_mb=comm, p2p=p2p, dp=dp)
+    est = cm.pipeline(m=m, p=p, v=v, stage=stage, p2p=p2p, dp=dp, optimizer=opt)
     return np.asarray(est["step_time_s"], dtype=float)
 
 
@@ -164,7 +187,10 @@ class Layout:
     micro_batch: int
     zero: int
     ckpt: int
+    """Recomputation code: 0 none, 1 full, 2 selective (costmodel.RECOMPUTE)."""
     layer_split: tuple[int, ...]
+    virtual_stages: int = 1
+    sequence_parallel: int = 0
 
     @property
     def pp(self) -> int:
@@ -172,44 +198,55 @@ class Layout:
 
 
 def evaluate(mdl: Model, lay: Layout) -> dict[str, Any]:
-    """Step time, bubble, communication time and the fullest stage's memory of one layout."""
+    """Step time, its parts (costmodel.TERMS), bubble, communication time and the fullest stage's
+    memory of one layout."""
     shape, prec, cost = mdl.shape, mdl.prec, mdl.cost
     t, d, b, z, c, p = lay.tp, lay.dp, lay.micro_batch, lay.zero, lay.ckpt, lay.pp
+    v, sp = lay.virtual_stages, lay.sequence_parallel
     m = mdl.global_batch // (d * b)
     worst: dict[str, float] = {}
-    stage_mb = comm_mb = dp = p2p = 0.0
+    stage = {"compute": 0.0, "recompute": 0.0, "tp": 0.0}
+    dp = p2p = opt = 0.0
     first_stage = 0
     for k, (seg, stages) in enumerate(lay.parts):
         idx = np.arange(first_stage, first_stage + stages)
         n = np.array(lay.layer_split[first_stage : first_stage + stages])
         first, last = (idx == 0) * 1, (idx == p - 1) * 1
         mem = cm.stage_memory(
-            shape, prec, cost, seg.hw, n=n, first=first, last=last, inflight=np.minimum(p - idx, m),
-            t=t, d=d, z=z, b=b, c=c,
+            shape, prec, cost, seg.hw, n=n, first=first, last=last, inflight=cm.inflight(i=idx, p=p, m=m, v=v),
+            t=t, d=d, z=z, b=b, c=c, sp=sp,
         )  # fmt: skip
         fullest = int(np.argmax(mem["total"] / seg.hw.memory_bytes))
         if not worst or mem["total"][fullest] / seg.hw.memory_bytes > worst["total"] / worst["capacity"]:
-            worst = {key: float(np.broadcast_to(v, idx.shape)[fullest]) for key, v in mem.items()}
-        compute, tp = cm.stage_times(shape, prec, cost, seg.hw, n=n, last=last, t=t, b=b, c=c)
-        tp = np.broadcast_to(tp, idx.shape)
-        slowest = int(np.argmax(compute + tp))
-        if compute[slowest] + tp[slowest] > stage_mb:
-            stage_mb, comm_mb = float(compute[slowest] + tp[slowest]), float(tp[slowest])
+            worst = {key: float(np.broadcast_to(val, idx.shape)[fullest]) for key, val in mem.items()}
+        times = {
+            key: np.broadcast_to(val, idx.shape)
+            for key, val in cm.stage_times(
+                shape, prec, cost, seg.hw, n=n, last=last, t=t, b=b, c=c, sp=sp
+            ).items()
+        }
+        total = times["compute"] + times["recompute"] + times["tp"]
+        slowest = int(np.argmax(total))
+        if total[slowest] > sum(stage.values()):
+            stage = {key: float(val[slowest]) for key, val in times.items()}
         local, slow = cm.dp_locality(
             seg.hw, replica=t * stages, d=d, pool_slots=seg.pool_slots, pool_over=seg.pool_over
         )
-        grads = cm.stage_params(shape, n=n, first=first, last=last, t=t) * prec.weight
+        params = cm.stage_params(shape, n=n, first=first, last=last, t=t)
         exposed = cm.dp_exposed(
-            seg.hw, cost, grad_bytes=grads, d=d, local=local, slow=slow, z=z, m=m, compute_mb=compute
-        )
+            seg.hw, cost, grad_bytes=params * prec.weight, d=d, local=local, slow=slow, z=z, m=m,
+            compute_mb=times["compute"] + times["recompute"],
+        )  # fmt: skip
         dp = max(dp, float(np.max(exposed)))
+        opt = max(opt, float(np.max(cm.optimizer_time(cost, seg.hw, params=params, d=d, z=z))))
         p2p = max(p2p, _p2p_within(mdl, seg, stages, t, b), _p2p_after(mdl, lay, k))
         first_stage += stages
-    est = cm.pipeline(cost, m=m, p=p, stage_mb=stage_mb, comm_mb=comm_mb, p2p=p2p, dp=dp)
+    est = cm.pipeline(m=m, p=p, v=v, stage=stage, p2p=p2p, dp=dp, optimizer=opt)
     return {
         "step_time_s": float(est["step_time_s"]),
         "bubble": float(est["bubble"]),
         "comm_time_s": float(est["comm_time_s"]),
+        "terms": {key: float(est[key]) for key in cm.TERMS},
         "memory": worst,
         "grad_accum": m,
     }

@@ -55,8 +55,17 @@ class Plan:
     """Fraction of the step spent in exposed communication (TP, PP transfers, DP reduction)."""
     bubble: float
     notes: tuple[str, ...] = ()
+    """Remarks; those starting 'warning:' flag an implausible plan and say what would fix it."""
     farm: str = ""
     precision: str = "bf16"
+    virtual_stages: int = 1
+    """Pipeline chunks per device (interleaved 1F1B when > 1)."""
+    sequence_parallel: bool = False
+    recompute: str = "none"
+    """'none', 'full' (activation_checkpointing) or 'selective' (the attention core only)."""
+    breakdown: dict[str, float] = field(default_factory=dict)
+    """Seconds of the step by part (compute, recompute, tp_comm, pp_comm, bubble, dp_comm, optimizer);
+    they add up to step_time_s."""
     _index: dict[int, RankPlacement] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -146,7 +155,10 @@ class Plan:
         return cls(**kwargs)
 
     def summary(self) -> str:
+        extra = (f" v={self.virtual_stages}" if self.virtual_stages > 1 else "") + (
+            " sp" if self.sequence_parallel else ""
+        )
         return (
-            f"dp={self.dp} tp={self.tp} pp={self.pp} zero={self.zero_stage} micro_batch={self.micro_batch} "
-            f"grad_accum={self.grad_accum} checkpointing={'on' if self.activation_checkpointing else 'off'}"
+            f"dp={self.dp} tp={self.tp} pp={self.pp}{extra} zero={self.zero_stage} micro_batch={self.micro_batch} "
+            f"grad_accum={self.grad_accum} recompute={self.recompute}"
         )

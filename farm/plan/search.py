@@ -11,11 +11,15 @@ import numpy as np
 from farm.config import ModelConfig, ParallelConfig, TrainConfig
 from farm.errors import PlanError
 from farm.plan import costmodel as cm
-from farm.plan.evaluate import Layout, Model, Segment, device_speed, evaluate, screen, segments_of
+from farm.plan.costmodel import RECOMPUTE
+from farm.plan.evaluate import KEYS, Layout, Model, Segment, device_speed, evaluate, screen, segments_of
 from farm.plan.layout import MEMORY_KEYS, Plan
 from farm.plan.placement import place, proportional_split, spare_names, uniform_split
+from farm.plan.runtimes import RUNTIMES, VIRTUAL_STAGES, Runtime
 from farm.plan.shape import ModelShape, Precision
 from farm.topology import Farm
+
+_RECOMPUTE_CODES = {"none": 0, "full": 1, "selective": 2}
 
 
 @dataclass(frozen=True)
@@ -28,24 +32,43 @@ class Request:
     zero: int | None
     micro_batch: int | None
     ckpt: int | None
+    """Recomputation code (costmodel.RECOMPUTE): 0 none, 1 full, 2 selective."""
     global_batch: int
     max_micro_batch: int
     """train.micro_batch: the largest micro-batch tried when parallel.micro_batch is auto."""
+    virtual_stages: int | None = None
+    sequence_parallel: int | None = None
+    runtime: Runtime = RUNTIMES["farm"]
 
     @classmethod
     def of(cls, *, model: ModelConfig, train: TrainConfig, parallel: ParallelConfig) -> Request:
         def fixed(value: int | str) -> int | None:
             return None if value == "auto" else int(value)
 
+        runtime = RUNTIMES.get(parallel.runtime)
+        if runtime is None:
+            raise PlanError(f"parallel.runtime={parallel.runtime!r}: use one of {', '.join(RUNTIMES)}")
+        ckpt = None if parallel.recompute == "auto" else _RECOMPUTE_CODES[parallel.recompute]
+        if model.activation_checkpointing:
+            if ckpt not in (None, 1):
+                raise PlanError(
+                    f"model.activation_checkpointing=true asks for full recomputation but parallel.recompute="
+                    f"{parallel.recompute}; set one of them differently"
+                )
+            ckpt = 1
+        sp = parallel.sequence_parallel
         return cls(
             tp=fixed(parallel.tp),
             pp=fixed(parallel.pp),
             dp=fixed(parallel.dp),
             zero=fixed(parallel.zero_stage),
             micro_batch=fixed(parallel.micro_batch),
-            ckpt=1 if model.activation_checkpointing else None,
+            ckpt=ckpt,
             global_batch=train.global_batch,
             max_micro_batch=train.micro_batch,
+            virtual_stages=fixed(parallel.virtual_stages),
+            sequence_parallel=None if sp == "auto" else int(bool(sp)),
+            runtime=runtime,
         )
 
     def relaxed(self, name: str) -> Request:
@@ -70,6 +93,20 @@ def tp_options(mdl: Model, req: Request, seg: Segment) -> list[int]:
     return [t for t in allowed if req.tp in (None, t)]
 
 
+def schedule_options(mdl: Model, req: Request) -> tuple[list[int], list[int], list[int]]:
+    """(ZeRO stages, recomputation codes, virtual stages) to try: the fixed value, or what the runtime
+    runs. Selective recomputation is tried only without fused attention (with it, it equals none)."""
+    rt = req.runtime
+    zs = [req.zero] if req.zero is not None else rt.zero_stages(pipelined=False)
+    cs = (
+        [req.ckpt]
+        if req.ckpt is not None
+        else [0, 1] + ([2] if rt.selective_recompute and not mdl.cost.flash_attention else [])
+    )
+    vs = [req.virtual_stages] if req.virtual_stages else (list(VIRTUAL_STAGES) if rt.interleaving else [1])
+    return zs, cs, vs
+
+
 def make_grid(mdl: Model, req: Request, seg: Segment) -> dict[str, np.ndarray]:
     """Every combination of the requested values that divides the global batch and fits the devices."""
     G, L = req.global_batch, mdl.shape.n_layers
@@ -77,17 +114,27 @@ def make_grid(mdl: Model, req: Request, seg: Segment) -> dict[str, np.ndarray]:
     pps = [req.pp] if req.pp else list(range(1, L + 1))
     bs = [req.micro_batch] if req.micro_batch else divisors(req.max_micro_batch)
     ds = [req.dp] if req.dp else divisors(G)
-    zs = [req.zero] if req.zero is not None else [0, 1, 2, 3]
-    cs = [req.ckpt] if req.ckpt is not None else [0, 1]
     t, p, b, d = (a.ravel() for a in np.meshgrid(tps, pps, bs, ds, indexing="ij"))
     ok = (G % (d * b) == 0) & (t * p * d <= seg.slots) & (p <= L)
     t, p, b, d = t[ok], p[ok], b[ok], d[ok]
-    k = len(zs) * len(cs)
-    z = np.tile(np.repeat(zs, len(cs)), len(t))
-    c = np.tile(cs, len(t) * len(zs))
+    zs, cs, vs = schedule_options(mdl, req)
+    combos = np.array([(z, c, v) for z in zs for c in cs for v in vs]).reshape(-1, 3)
+    k = len(combos)
+    z, c, v = (np.tile(combos[:, i], len(t)) for i in range(3))
     t, p, b, d = (np.repeat(a, k) for a in (t, p, b, d))
-    ok = ~((p > 1) & (z >= 2))  # DeepSpeed's pipeline engine supports ZeRO stage 0 and 1 only
-    return {"t": t[ok], "p": p[ok], "d": d[ok], "b": b[ok], "z": z[ok], "c": c[ok]}
+    m = G // (d * b)
+    rt = req.runtime
+    ok = ~((p > 1) & (z >= 2))  # DeepSpeed's pipeline engine (and Megatron's) shard at most like ZeRO-1
+    if req.zero is None:
+        ok &= z <= np.where(p > 1, rt.max_zero_with_pp, rt.max_zero)
+    # Interleaving needs p > 1, the same number of blocks in every chunk, and m a multiple of p.
+    ok &= (v == 1) | ((p > 1) & (L % (p * v) == 0) & (m % p == 0))
+    t, p, d, b, z, c, v = (a[ok] for a in (t, p, d, b, z, c, v))
+    if req.sequence_parallel is None:
+        sp = ((t > 1) & rt.sequence_parallel) * 1
+    else:
+        sp = np.full(t.shape, req.sequence_parallel) * (t > 1)
+    return {"t": t, "p": p, "d": d, "b": b, "z": z, "c": c, "v": v, "sp": sp}
 
 
 @dataclass(frozen=True)
@@ -95,9 +142,9 @@ class Candidate:
     step_time_s: float
     layout: Layout
 
-    def key(self) -> tuple[float, int, int, int, int]:
+    def key(self) -> tuple[float, int, int, int, int, int]:
         lay = self.layout
-        return (self.step_time_s, lay.zero, lay.ckpt, lay.pp, lay.tp)
+        return (self.step_time_s, lay.zero, lay.ckpt, lay.virtual_stages, lay.pp, lay.tp)
 
 
 def uniform_candidates(mdl: Model, req: Request, seg: Segment, top_k: int) -> tuple[list[Candidate], float]:
@@ -107,11 +154,11 @@ def uniform_candidates(mdl: Model, req: Request, seg: Segment, top_k: int) -> tu
         return [], np.inf
     out = screen(mdl, seg, grid)
     finite = np.flatnonzero(np.isfinite(out["step_time_s"]))
-    order = np.lexsort(tuple(out[k][finite] for k in ("t", "p", "c", "z", "step_time_s")))[:top_k]
+    order = np.lexsort(tuple(out[k][finite] for k in ("t", "p", "v", "c", "z", "step_time_s")))[:top_k]
     cands = []
     for i in finite[order]:
-        t, p, d, b, z, c = (int(out[k][i]) for k in ("t", "p", "d", "b", "z", "c"))
-        lay = Layout(((seg, p),), t, d, b, z, c, uniform_split(mdl.shape.n_layers, p))
+        t, p, d, b, z, c, v, sp = (int(out[k][i]) for k in KEYS)
+        lay = Layout(((seg, p),), t, d, b, z, c, uniform_split(mdl.shape.n_layers, p), v, sp)
         cands.append(Candidate(float(out["step_time_s"][i]), lay))
     return cands, float(np.min(out["ratio"]))
 
@@ -121,8 +168,13 @@ def mixed_candidates(mdl: Model, req: Request, segs: list[Segment]) -> list[Cand
     (collectives stay inside one pool); blocks are split in proportion to device speed."""
     G, L = req.global_batch, mdl.shape.n_layers
     common = set.intersection(*(set(tp_options(mdl, req, s)) for s in segs))
+    zs, cs, _ = schedule_options(mdl, req)
     out = []
     for t in sorted(common):
+        sp = int(
+            t > 1
+            and (req.runtime.sequence_parallel if req.sequence_parallel is None else req.sequence_parallel)
+        )
         for b in [req.micro_batch] if req.micro_batch else divisors(req.max_micro_batch):
             for d in [req.dp] if req.dp else divisors(G):
                 stages = _stages_per_segment(req, segs, L, t * d)
@@ -130,9 +182,9 @@ def mixed_candidates(mdl: Model, req: Request, segs: list[Segment]) -> list[Cand
                     continue
                 speeds = [device_speed(mdl, s, t=t, b=b) for s, k in zip(segs, stages) for _ in range(k)]
                 split = proportional_split(L, speeds)
-                for z in [0, 1] if req.zero is None else [req.zero]:
-                    for c in [0, 1] if req.ckpt is None else [req.ckpt]:
-                        lay = Layout(tuple(zip(segs, stages)), t, d, b, z, c, split)
+                for z in [z for z in zs if z <= 1]:
+                    for c in cs:
+                        lay = Layout(tuple(zip(segs, stages)), t, d, b, z, c, split, 1, sp)
                         est = evaluate(mdl, lay)
                         if est["memory"]["total"] <= est["memory"]["capacity"]:
                             out.append(Candidate(est["step_time_s"], lay))
@@ -208,6 +260,8 @@ def make_plan(
 
 
 def build_plan(mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: Layout) -> Plan:
+    from farm.plan.notes import plan_notes
+
     est = evaluate(mdl, lay)
     segments = [(seg.nodes, stages) for seg, stages in lay.parts]
     ranks, unused = place(segments, tp=lay.tp, dp=lay.dp)
@@ -217,6 +271,7 @@ def build_plan(mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: La
     step = est["step_time_s"]
     tokens = mdl.global_batch * mdl.shape.seq_len
     peak = sum(seg.hw.peak_flops * lay.dp * lay.tp * stages for seg, stages in lay.parts)
+    mfu = mdl.shape.flops_per_token * tokens / (step * peak)
     return Plan(
         dp=lay.dp,
         tp=lay.tp,
@@ -228,38 +283,18 @@ def build_plan(mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: La
         layer_split=lay.layer_split,
         ranks=tuple(ranks),
         spares=spare,
-        activation_checkpointing=bool(lay.ckpt),
+        activation_checkpointing=lay.ckpt == 1,
         memory={k: round(est["memory"][k]) for k in MEMORY_KEYS},
         step_time_s=step,
         tokens_per_s=tokens / step,
-        mfu=mdl.shape.flops_per_token * tokens / (step * peak),
+        mfu=mfu,
         comm_share=est["comm_time_s"] / step,
         bubble=est["bubble"],
-        notes=_notes(mdl, req, farm, model, lay, len(ranks)),
+        notes=plan_notes(mdl, req, farm, model, lay, world=len(ranks), mfu=mfu, bubble=est["bubble"]),
         farm=farm.name,
         precision=mdl.prec.name,
+        virtual_stages=lay.virtual_stages,
+        sequence_parallel=bool(lay.sequence_parallel),
+        recompute=RECOMPUTE[lay.ckpt],
+        breakdown=est["terms"],
     )
-
-
-def _notes(
-    mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: Layout, world: int
-) -> tuple[str, ...]:
-    notes = []
-    if world < farm.num_devices:
-        why = "the fixed degrees" if (req.dp and (req.tp or req.pp)) else "the global batch and the layout"
-        notes.append(
-            f"uses {world} of the farm's {farm.num_devices} devices ({why}); the rest are listed as spares"
-        )
-    if lay.ckpt and not model.activation_checkpointing:
-        notes.append("activation checkpointing turned on: the layout does not fit memory without it")
-    if model.vocab_size is None:
-        notes.append(f"vocabulary taken as {mdl.shape.vocab} rows (model.vocab_size is null)")
-    if len(lay.parts) > 1:
-        pools = " -> ".join(seg.label for seg, _ in lay.parts)
-        notes.append(
-            f"pipeline crosses pools ({pools}); stage boundaries between pools go through the host, "
-            "layers are split in proportion to device speed"
-        )
-    if farm.emulate == "cpu":
-        notes.append("CPU emulation: each device is a CPU process; times are for the emulated figures")
-    return tuple(notes)

@@ -87,11 +87,13 @@ def test_activations_per_block() -> None:
     # hidden before and after GELU (2 x 256) at 2 bytes = 32 x 2 x 768 = 49,152.
     assert layer_activation_bytes(SHAPE, BF16, COST, t=1, b=2) == 16_384 + 49_152
     assert layer_activation_bytes(SHAPE, BF16, COST, t=4, b=2) == 16_384 + 49_152 / 4
-    sp = CostParams(sequence_parallel=True)
-    assert layer_activation_bytes(SHAPE, BF16, sp, t=4, b=2) == (16_384 + 49_152) / 4
-    # Without fused attention the softmax output (a x s per token, 2 bytes) is stored as well.
+    # Sequence parallelism splits the LayerNorm inputs too.
+    assert layer_activation_bytes(SHAPE, BF16, COST, t=4, b=2, sp=1) == (16_384 + 49_152) / 4
+    # Without fused attention the softmax output (a x s per token, 2 bytes) is stored as well, unless
+    # selective recomputation (c=2) rebuilds it in the backward pass.
     eager = CostParams(flash_attention=False)
     assert layer_activation_bytes(SHAPE, BF16, eager, t=1, b=2) == 65_536 + 32 * 4 * 16 * 2
+    assert layer_activation_bytes(SHAPE, BF16, eager, t=1, b=2, c=2) == 65_536
 
 
 def test_activations_of_a_stage() -> None:

@@ -1,0 +1,40 @@
+"""What each training runtime can execute, so that 'auto' only chooses what will really run.
+
+A fixed value (``parallel.virtual_stages=4``) is always evaluated, on any runtime, so published layouts
+can be checked; the plan's notes say when the runtime named in ``parallel.runtime`` does not run it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Runtime:
+    name: str
+    interleaving: bool
+    """Runs interleaved 1F1B (more than one virtual stage per device)."""
+    sequence_parallel: bool
+    selective_recompute: bool
+    max_zero: int
+    """Highest ZeRO stage it runs without pipeline parallelism."""
+    max_zero_with_pp: int
+    """Highest ZeRO stage it runs with pipeline parallelism."""
+
+    def zero_stages(self, *, pipelined: bool) -> list[int]:
+        return list(range((self.max_zero_with_pp if pipelined else self.max_zero) + 1))
+
+
+RUNTIMES: dict[str, Runtime] = {
+    # farm.runtime: PipeDream-flush 1F1B, DeepSpeed ZeRO 0-2 (stage 3 is refused by farm.launch; 0-1
+    # under its pipeline engine), per-block activation checkpointing, no sequence parallelism wired in.
+    "farm": Runtime("farm", interleaving=False, sequence_parallel=False, selective_recompute=False,
+                    max_zero=2, max_zero_with_pp=1),
+    # Megatron-LM / NeMo: interleaved schedule, sequence parallelism, selective recomputation; the
+    # distributed optimizer shards like ZeRO-1; fully sharded data parallelism without pipelining.
+    "megatron": Runtime("megatron", interleaving=True, sequence_parallel=True, selective_recompute=True,
+                        max_zero=3, max_zero_with_pp=1),
+}  # fmt: skip
+
+VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
+"""Virtual stages per device the search tries (those that divide the blocks of every stage)."""
