@@ -1,6 +1,7 @@
 # --- Ray bring-up shared by the Slurm and PBS jobs (launchers/common/ray.sh) -------------------------
 # Needs: FARM_PYTHON, FARM_JOB_ID, FARM_JOB_DIR, FARM_INTERFACE, FARM_NODE_RESOURCES (one JSON per node
-# index), FARM_NODES, FARM_CLUSTER_TIMEOUT_S, FARM_RAY_TMP.
+# index), FARM_NODES, FARM_CLUSTER_TIMEOUT_S, FARM_RAY_TMP. Optional: FARM_RAY_START_ARGS, extra flags
+# for every `ray start` (e.g. --object-store-memory=...), set with launcher.env.
 
 farm_log() { echo "farm[$(date +%H:%M:%S)]: $*"; }
 
@@ -27,10 +28,10 @@ farm_make_token() {
 # stops its own Ray by killing that group (never `ray stop`, which stops every Ray on the host).
 # Every node takes its own block of ports, chosen from the job id and checked free on this host, so
 # two jobs sharing a node do not collide.
-farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself
-  local index=$1 head=${2:-} ip base resources
-  ip=$(farm_ip)
-  base=$("$FARM_PYTHON" -m farm.queue.bringup ports --seed "$FARM_JOB_ID-$index") || return 1
+farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself; $3 $4: ip, port
+  local index=$1 head=${2:-} ip=${3:-} base=${4:-} resources
+  [ -n "$ip" ] || ip=$(farm_ip)
+  [ -n "$base" ] || base=$("$FARM_PYTHON" -m farm.queue.bringup ports --seed "$FARM_JOB_ID-$index") || return 1
   resources=${FARM_NODE_RESOURCES[$index]:-'{}'}
   local args=(--block --node-ip-address="$ip"
     --node-manager-port=$((base + 1)) --object-manager-port=$((base + 2))
@@ -41,36 +42,39 @@ farm_ray_node() {  # $1: node index; $2: head address, empty for the head itself
   if [ -z "$head" ]; then
     args+=(--head --port="$base" --ray-client-server-port=$((base + 7)) --dashboard-port=$((base + 8))
       --include-dashboard=false --temp-dir="$FARM_RAY_TMP")
-    echo "$ip:$base" > "$FARM_JOB_DIR/head-$FARM_JOB_ID"
   else
     args+=(--address="$head")
   fi
+  # shellcheck disable=SC2206  # flags are words on purpose
+  [ -n "${FARM_RAY_START_ARGS:-}" ] && args+=($FARM_RAY_START_ARGS)
   exec "$FARM_PYTHON" -m farm.queue.bringup shield -- "$FARM_PYTHON" -m ray.scripts.scripts start "${args[@]}" \
     > "$FARM_JOB_DIR/ray-$FARM_JOB_ID-node$index.log" 2>&1
 }
 
 # Start the head (node 0) on this host in the background; sets FARM_HEAD_PID and FARM_RAY_ADDRESS.
+# Returns only once the head's GCS answers, and fails within seconds, printing the end of the head's
+# log, when its `ray start` exits first (a bad flag, a missing package, a port taken).
 farm_start_head() {
-  rm -f "$FARM_JOB_DIR/head-$FARM_JOB_ID"
   farm_make_token || return 1
-  farm_ray_node 0 &
+  local ip base
+  ip=$(farm_ip) && base=$("$FARM_PYTHON" -m farm.queue.bringup ports --seed "$FARM_JOB_ID-0") || return 1
+  farm_ray_node 0 "" "$ip" "$base" &
   FARM_HEAD_PID=$!
-  local waited=0
-  until [ -s "$FARM_JOB_DIR/head-$FARM_JOB_ID" ]; do
-    if ! kill -0 "$FARM_HEAD_PID" 2>/dev/null || [ "$waited" -ge 60 ]; then
-      farm_log "error: the Ray head did not start; see $FARM_JOB_DIR/ray-$FARM_JOB_ID-node0.log" >&2
-      return 1
-    fi
-    sleep 0.5; waited=$((waited + 1))
-  done
-  FARM_RAY_ADDRESS=$(cat "$FARM_JOB_DIR/head-$FARM_JOB_ID")
+  FARM_RAY_ADDRESS=$ip:$base
   export FARM_RAY_ADDRESS
+  "$FARM_PYTHON" -m farm.queue.bringup wait --address "$FARM_RAY_ADDRESS" --nodes 1 \
+    --timeout "$FARM_CLUSTER_TIMEOUT_S" --watch "$FARM_HEAD_PID=$FARM_JOB_DIR/ray-$FARM_JOB_ID-node0.log" \
+    --fatal-logs "$FARM_RAY_TMP/session_latest/logs/*.out" || return 1
   farm_log "Ray head on $FARM_RAY_ADDRESS (log: $FARM_JOB_DIR/ray-$FARM_JOB_ID-node0.log)"
 }
 
+# Wait for every node; a node whose `ray start` exits (its srun/pbsdsh/mpiexec step ends) fails the
+# bring-up at once with the end of the node logs instead of a wait for the timeout.
 farm_wait_cluster() {
+  local watch=(--watch "$FARM_HEAD_PID=$FARM_JOB_DIR/ray-$FARM_JOB_ID-node0.log") pid
+  for pid in ${FARM_WORKER_PIDS:-}; do watch+=(--watch "$pid=$FARM_JOB_DIR/ray-$FARM_JOB_ID-node*.log"); done
   "$FARM_PYTHON" -m farm.queue.bringup wait --address "$FARM_RAY_ADDRESS" --nodes "$FARM_NODES" \
-    --timeout "$FARM_CLUSTER_TIMEOUT_S" --log-dir "$FARM_JOB_DIR"
+    --timeout "$FARM_CLUSTER_TIMEOUT_S" --log-dir "$FARM_JOB_DIR" "${watch[@]}"
 }
 
 # The driver runs in the background so that this shell can take signals while it trains: bash runs
@@ -112,7 +116,7 @@ farm_stop_ray() {
     wait "$FARM_HEAD_PID" 2>/dev/null
   fi
   FARM_HEAD_PID=""
-  rm -rf "$FARM_RAY_TMP" "$FARM_JOB_DIR/head-$FARM_JOB_ID" "$RAY_AUTH_TOKEN_PATH"
+  rm -rf "$FARM_RAY_TMP" "$RAY_AUTH_TOKEN_PATH"
 }
 
 # Whether the run has yet to reach train.steps (and so should continue), from its events.jsonl.
