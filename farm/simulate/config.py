@@ -70,8 +70,9 @@ class SimConfig:
     """Report the days to train this many tokens at the simulated goodput."""
     hot_spares_per_pod: int = 2
     """Hot spares added to each pod for the `spares` policy (booted, health-checked, joined)."""
-    reserve_nodes: int = 64
-    """Cold spares of the cluster around the job, per pool (0: none; a lost node waits for repair)."""
+    reserve_share: float = 0.03
+    """Cold spares of the cluster around the job, as a share of each pool's nodes (0: none; a lost
+    node waits for its repair)."""
     replan_s: float | str = "measured"
     """Time of one re-plan: 'measured' times the real `replan` call, or a number of seconds."""
     policy_options: dict[str, Any] = field(default_factory=lambda: {"max_failures": 1_000_000})
@@ -135,7 +136,7 @@ def _check(cfg: SimConfig) -> None:
     if cfg.replan_s != "measured" and (isinstance(cfg.replan_s, bool) or not isinstance(cfg.replan_s, (int, float))
                                        or cfg.replan_s < 0):
         raise ConfigError(f"sim.replan_s={cfg.replan_s!r}: use measured or a number of seconds >= 0")
-    for name in ("hot_spares_per_pod", "reserve_nodes"):
+    for name in ("hot_spares_per_pod", "reserve_share"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"sim.{name}={getattr(cfg, name)}: must be >= 0")
     if cfg.plot is not None and not str(cfg.plot).endswith(".png"):

@@ -86,6 +86,8 @@ class Outcome:
     timeline: list[tuple[float, int, float]] = field(default_factory=list)
     marks: list[tuple[float, str]] = field(default_factory=list)
     layouts: list[Plan] = field(default_factory=list)
+    shapes: list[tuple[tuple[str, int], ...]] = field(default_factory=list)
+    """Nodes in service per pool when each layout was planned."""
 
 
 class Run:
@@ -108,6 +110,8 @@ class Run:
         self.timeline: list[tuple[float, int, float]] = []
         self.marks: list[tuple[float, str]] = []
         self.layouts: list[Plan] = [setup.plan]
+        self.shapes = [self.farm.full_shape]
+        self.wait_for: tuple[WorkerFault, Segment] | None = None
         self._mark_timeline(0.0)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -311,6 +315,7 @@ class Run:
         elif isinstance(decision, WaitForNode):
             self.lose(t, decision.nodes, repair_s)
             self.waiting = self.farm.out_of_service(decision.nodes)
+            self.wait_for = (fault, state)
             self.go_down(t, [("detection", detect), ("wait", math.inf)], state)
             if not self.waiting:
                 self.resume_after_wait(t + detect)
@@ -347,9 +352,11 @@ class Run:
             self.push(t + repair_s, "repair", node)
 
     def replan(self, plan: Plan) -> tuple[Plan, float]:
-        new, took = self.s.replanner.plan_for(plan, self.farm.shape(), self.farm.healthy_and_lost)
+        shape = self.farm.shape()
+        new, took = self.s.replanner.plan_for(plan, shape, self.farm.healthy_and_lost)
         if new is not self.layouts[-1]:
             self.layouts.append(new)
+            self.shapes.append(shape)
         return new, took
 
     def on_wait_over(self, t: float, payload: tuple[int, WorkerFault, Segment]) -> None:
@@ -378,7 +385,17 @@ class Run:
         self.farm.restock()
 
     def offer(self, t: float, node: str) -> None:
-        """A node is free again: a shrunken run asks its policy (on_rejoin); otherwise it is a spare."""
+        """A node is free again: a shrunken run asks its policy (on_rejoin); otherwise it is a spare,
+        and a run waiting for other nodes decides again (the spare may take their place)."""
+        if self.waiting and self.down is not None and self.wait_for is not None:
+            self.farm.to_spares(node)
+            fault, state = self.wait_for
+            lost = tuple(sorted(self.waiting))
+            self.charge_down(t)
+            self.waiting = set()
+            ctx = self.context(state, int(state.s0), lost=lost, node=fault.node)
+            self.execute(t, self.s.controller.decide(fault, ctx), fault, state, 0.0)
+            return
         if self.farm.shape() == self.farm.full_shape:
             self.farm.to_spares(node)
             return
@@ -433,7 +450,7 @@ class Run:
         return Outcome(
             accounts=dict(self.acc), interruptions=self.interruptions, kept_steps=kept, full_step_s=full,
             tokens_per_step=self.s.plan.global_batch * _seq_len(self.s.plan), degraded_s=training - kept * full,
-            timeline=self.timeline, marks=self.marks, layouts=self.layouts,
+            timeline=self.timeline, marks=self.marks, layouts=self.layouts, shapes=self.shapes,
         )  # fmt: skip
 
     def _mark_timeline(self, t: float, *, training: bool = True) -> None:

@@ -63,9 +63,9 @@ class Study:
     replan_calls: int = 0
 
 
-def universe(raw: dict[str, Any], *, hot_per_pod: int, reserve: int, source: str) -> tuple[Farm, dict[str, int]]:
-    """The topology with ``hot_per_pod`` hot spares per pod and ``reserve`` cold spares per pool added
-    to each pool's spares (the file's own spares count as hot)."""
+def universe(raw: dict[str, Any], *, hot_per_pod: int, reserve: float, source: str) -> tuple[Farm, dict[str, int]]:
+    """The topology with ``hot_per_pod`` hot spares per pod and a ``reserve`` share of cold spares per
+    pool added to each pool's spares (the file's own spares count as hot)."""
     raw = copy.deepcopy(raw)
     raw.pop("_file", None)
     hot: dict[str, int] = {}
@@ -76,7 +76,7 @@ def universe(raw: dict[str, Any], *, hot_per_pod: int, reserve: int, source: str
         racks_per_pod = pool.get("racks_per_pod")
         pods = math.ceil(nodes / (per_rack * racks_per_pod)) if racks_per_pod else 1
         hot[pool["name"]] = int(pool.get("spares") or 0) + hot_per_pod * pods
-        pool["spares"] = hot[pool["name"]] + reserve
+        pool["spares"] = hot[pool["name"]] + math.ceil(reserve * nodes)
         pool.setdefault("nodes_per_rack", per_rack)
     return load_farm(raw, source=source), hot
 
@@ -120,7 +120,7 @@ def _setup(policy: SimPolicy, inputs: Inputs, fs: FailureSet, plan: Plan, replan
            ckpt_every: int, snap_every: int) -> Setup:  # fmt: skip
     sim, rec = inputs.sim, inputs.sim.recovery
     farm, hot = universe(inputs.topology, hot_per_pod=sim.hot_spares_per_pod if policy.hot_spares else 0,
-                         reserve=sim.reserve_nodes, source=inputs.topology_file or "topology")  # fmt: skip
+                         reserve=sim.reserve_share, source=inputs.topology_file or "topology")  # fmt: skip
     if policy.detection == "farm":
         detect = {"node_lost": rec.node_lost_detect_s, "timeout": inputs.run.step_timeout_s}
     else:

@@ -40,12 +40,14 @@ class FarmState:
         self.pools = tuple(p.name for p in universe.pools)
         self.full_shape = self.shape()
         self.dpn = universe.pools[0].devices_per_node
+        self._spares: tuple[Node, ...] | None = None
 
     def copy(self) -> FarmState:
         new = object.__new__(FarmState)
         new.__dict__.update(self.__dict__)
         new.svc, new.pos, new.hot, new.cold = list(self.svc), dict(self.pos), list(self.hot), list(self.cold)
         new.counts = Counter(self.counts)
+        new._spares = None
         return new
 
     # --- reads ------------------------------------------------------------------------------------
@@ -74,8 +76,9 @@ class FarmState:
             devices = (self.counts[p.name] - inside[p.name]) * p.devices_per_node
             if devices > 0:
                 rest.append(Node(id=f"{p.name}/in-service", pool=p.name, rack="", devices=devices))
-        spares = tuple(self.by_id[n] for n in (*self.hot, *self.cold))
-        return dataclasses.replace(self.universe, nodes=(*concern, *rest), spares=spares)
+        if self._spares is None:
+            self._spares = tuple(self.by_id[n] for n in (*self.hot, *self.cold))
+        return dataclasses.replace(self.universe, nodes=(*concern, *rest), spares=self._spares)
 
     def healthy_and_lost(self) -> tuple[Farm, tuple[Node, ...]]:
         """The nodes in service as a Farm, in the universe's order, and the start's nodes now out."""
@@ -109,6 +112,7 @@ class FarmState:
 
     def activate(self, spares: tuple[str, ...]) -> int:
         """Move these free spares into service; returns how many of them were cold."""
+        self._spares = None
         cold = 0
         for n in spares:
             if n in self.hot:
@@ -123,14 +127,17 @@ class FarmState:
         return {n for n in nodes if n not in self.pos}
 
     def reserve_pop(self) -> str | None:
+        self._spares = None
         return self.cold.pop(0) if self.cold else None
 
     def restock(self) -> None:
         """The cluster boots a reserve node as a hot spare in place of one used."""
+        self._spares = None
         if len(self.hot) < self.hot_target and self.cold:
             self.hot.append(self.cold.pop(0))
 
     def to_spares(self, node: str) -> None:
+        self._spares = None
         if node in self.pos or node in self.hot or node in self.cold:
             return
         (self.hot if len(self.hot) < self.hot_target else self.cold).append(node)

@@ -84,16 +84,14 @@ def test_spares_never_worse_than_restart() -> None:
 
 
 def test_simulated_replans_are_what_replan_returns() -> None:
-    inp = inputs(nodes=40, failure_scale=40.0, runs=2, days=3, policies=["replan"], reserve_nodes=0)
+    inp = inputs(nodes=40, failure_scale=40.0, runs=2, days=3, policies=["replan"], reserve_share=0.0)
     study = simulate(inp)
-    layouts = study.results["replan"].outcomes[0].layouts
-    assert len({p.world_size for p in layouts}) > 1, "the run should shrink at least once"
+    out = study.results["replan"].outcomes[0]
+    assert len({p.world_size for p in out.layouts}) > 1, "the run should shrink at least once"
     farm, _ = universe(inp.topology, hot_per_pod=0, reserve=0, source="topology")
     ids = [n.id for n in farm.nodes]
-    for plan in layouts[1:]:
-        nodes_used = plan.notes[0]
-        assert nodes_used.startswith("re-planned after losing")
-        lost_n = int(nodes_used.split("losing ")[1].split(" node")[0])
+    for plan, shape in zip(out.layouts[1:], out.shapes[1:]):
+        lost_n = len(ids) - shape[0][1]
         other = random.Random(lost_n).sample(ids, lost_n)  # a different set of survivors, same shape
         direct = replan(study.plan, lost_nodes=other, farm=farm, model=inp.model, train=inp.train,
                         parallel=inp.parallel)  # fmt: skip
@@ -106,7 +104,7 @@ def test_simulated_replans_are_what_replan_returns() -> None:
 def test_condensed_farm_gives_the_full_farms_decisions(name: str) -> None:
     inp = inputs(nodes=48)
     policy = sim_policy(name)
-    farm, hot = universe(inp.topology, hot_per_pod=2 if policy.hot_spares else 0, reserve=3, source="topology")
+    farm, hot = universe(inp.topology, hot_per_pod=2 if policy.hot_spares else 0, reserve=0.07, source="topology")
     controller = policy.build({"max_failures": 1000})
     rng = random.Random(0)
     state = FarmState(farm, hot=hot)
