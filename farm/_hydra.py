@@ -9,6 +9,7 @@ from any working directory without a cwd-relative search path.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from farm.config import FarmConfig, from_container
-from farm.errors import FarmError, TopologyError
+from farm.errors import ConfigError, FarmError, TopologyError
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -47,28 +48,59 @@ def available_topologies() -> list[str]:
     return sorted(p.stem for p in topologies_dir().glob("*.yaml"))
 
 
+def _register_topology(path: Path, name: str) -> None:
+    try:
+        node = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        # Keep the name selectable so the user gets this message, not "not found".
+        node = {"_error": f"{path}: not valid YAML: {err}"}
+    if not isinstance(node, dict):
+        node = {"_error": f"{path}: expected a mapping of topology fields, got {type(node).__name__}"}
+    node.setdefault("name", path.stem)
+    node["_file"] = str(path)
+    ConfigStore.instance().store(group="topology", name=name, node=OmegaConf.create(node))
+
+
 def _register_topologies() -> None:
-    store = ConfigStore.instance()
     for path in sorted(topologies_dir().glob("*.yaml")):
-        try:
-            node = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            # Keep the name selectable so the user gets this message, not "not found".
-            node = {"_error": f"{path}: not valid YAML: {err}"}
-        if not isinstance(node, dict):
-            node = {"_error": f"{path}: expected a mapping of topology fields, got {type(node).__name__}"}
-        node.setdefault("name", path.stem)
-        node["_file"] = str(path)
-        store.store(group="topology", name=path.stem, node=OmegaConf.create(node))
+        _register_topology(path, path.stem)
 
 
 _register_topologies()
 
 
+def topology_files(argv: list[str]) -> list[str]:
+    """``+topology=path/to/farm.yaml`` selects a farm file outside topologies/: it is registered under
+    a name of its own and the override rewritten to that name. Other arguments pass unchanged."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "topology" and value.endswith((".yaml", ".yml")):
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise TopologyError(f"+topology={value}: no such file (from {Path.cwd()})")
+            digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]
+            name = f"file-{path.stem}-{digest}"  # a group option name holds no '/'
+            _register_topology(path.resolve(), name)
+            arg = f"{key}={name}"
+        out.append(arg)
+    return out
+
+
+def _no_topology_message() -> str:
+    return (
+        "no farm given: add +topology=NAME with NAME one of "
+        f"{', '.join(available_topologies())}, or +topology=path/to/farm.yaml "
+        "(docs/topologies.md; hydra.searchpath adds directories of farms)"
+    )
+
+
 def to_farm_config(cfg: DictConfig) -> tuple[FarmConfig, dict[str, Any]]:
     """Resolve a composed DictConfig into the typed config plus the raw mapping (for CLI-only keys)."""
     topology = cfg.get("topology")
-    if topology is not None and "_error" in topology:
+    if topology is None:
+        raise ConfigError(_no_topology_message())
+    if "_error" in topology:
         raise TopologyError(str(topology["_error"]))
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
@@ -92,7 +124,7 @@ def compose_from_argv(
     """
     from hydra import compose, initialize_config_dir
 
-    overrides = list(argv)
+    overrides = topology_files(list(argv))
     for name, defaults in (extra_groups or {}).items():
         given = [o for o in overrides if o.startswith(f"{name}.")]
         overrides = [o for o in overrides if not o.startswith(f"{name}.")]
@@ -136,6 +168,11 @@ def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
 
     @functools.wraps(task)
     def main() -> None:
+        try:
+            sys.argv[1:] = topology_files(sys.argv[1:])
+        except FarmError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
         _app()
 
     return main

@@ -50,6 +50,9 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+    batch_tokens: int | None = None
+    """Tokens per optimizer step of the model's published training recipe (Llama 3 405B: 16M); a
+    train.global_batch of null takes it (docs/planner.md)."""
 
     @property
     def head_dim(self) -> int:
@@ -100,7 +103,10 @@ class TrainConfig:
     steps: int = 200
     """Optimizer steps to train in total (a resumed run continues up to this number)."""
     global_batch: int = 32
-    """Sequences per optimizer step, whatever the DP degree."""
+    """Sequences per optimizer step, whatever the DP degree. In YAML or on the command line null means
+    the model's published batch (model.batch_tokens / model.seq_len), else 32."""
+    global_batch_tokens: int | None = None
+    """The global batch in tokens instead (a multiple of model.seq_len); it sets global_batch."""
     micro_batch: int = 4
     """Sequences per forward/backward on one data-parallel rank; with parallel.micro_batch=auto the
     planner may pick a smaller divisor of it (the largest micro-batch it tries)."""
@@ -278,10 +284,34 @@ def from_container(raw: dict[str, Any]) -> FarmConfig:
         )
     if not isinstance(raw["topology"], dict):
         raise ConfigError(f"topology: expected a mapping, got {raw['topology']!r}")
-    sections = {name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items()}
+    sections = {
+        name: _section(cls, raw.get(name), name) for name, cls in _SECTIONS.items() if name != "train"
+    }
+    sections["train"] = _section(
+        TrainConfig, _batch_in_sequences(raw.get("train"), sections["model"]), "train"
+    )
     cfg = FarmConfig(topology=dict(raw["topology"]), **sections)
     validate(cfg)
     return cfg
+
+
+def _batch_in_sequences(train: Any, model: ModelConfig) -> Any:
+    """train.global_batch from train.global_batch_tokens, or from the model's published batch when it
+    is null; each refusal names the field to change."""
+    if not isinstance(train, dict):
+        return train
+    out, seq, tokens = dict(train), model.seq_len, train.get("global_batch_tokens")
+    if tokens is not None:
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0 or tokens % seq:
+            raise ConfigError(
+                f"train.global_batch_tokens={tokens!r} is not a positive multiple of model.seq_len={seq}; "
+                f"use e.g. {max(1, round(tokens / seq) if isinstance(tokens, int) else 1) * seq}"
+            )
+        out["global_batch"] = tokens // seq
+    elif out.get("global_batch", 32) is None:
+        recipe = model.batch_tokens
+        out["global_batch"] = max(1, recipe // seq) if recipe else TrainConfig.global_batch
+    return out
 
 
 def _positive(value: int | float, where: str) -> None:
@@ -358,10 +388,16 @@ def validate(cfg: FarmConfig) -> None:
 # different value would silently mix two experiments, so it is refused (train.steps, parallel.*,
 # checkpoint.*, tracking.* and run.* may change between restarts).
 MATH_FIELDS: dict[str, tuple[str, ...]] = {
-    "model": tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "activation_checkpointing"),
+    "model": tuple(
+        f.name
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in ("activation_checkpointing", "batch_tokens")
+    ),
     "data": ("seq_len",),
     "train": tuple(
-        f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("steps", "log_every", "precision")
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in ("steps", "log_every", "precision", "global_batch_tokens")
     ),
 }
 

@@ -1,8 +1,10 @@
-"""``python -m farm.plan +topology=NAME model=NAME [plan.output=table|json] [plan.top=N]``
+"""``python -m farm.plan +topology=NAME|PATH.yaml model=NAME [plan.output=table|json] [plan.top=N]
+[plan.explain=true | --explain]``
 
 Prints the chosen layout and the next best few, with the memory breakdown per device and the
-estimated step time and MFU, without starting anything. Impossible requests exit with status 2 and
-a message that names the smallest change that would fit.
+estimated step time and MFU, without starting anything. ``--explain`` puts the best layout beside the
+runner-up, part by part of the step time. Impossible requests exit with status 2 and a message that
+names the smallest change that would fit.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import sys
 from typing import Any
 
 from farm.errors import ConfigError
-from farm.plan.render import print_table, to_json
+from farm.plan.render import explain, print_table, to_json
 from farm.plan.search import search
 from farm.plan.shape import ModelShape
 
-CLI_DEFAULTS: dict[str, Any] = {"output": "table", "top": 5}
+CLI_DEFAULTS: dict[str, Any] = {"output": "table", "top": 5, "explain": False}
 
 
 def run(argv: list[str]) -> int:
@@ -27,13 +29,18 @@ def run(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    argv = ["plan.explain=true" if a == "--explain" else a for a in argv]
     cfg, raw = _compose(argv)
     options = raw.get("plan") or {}
-    output, top = options.get("output", "table"), options.get("top", 5)
+    output, top, why = options.get("output", "table"), options.get("top", 5), options.get("explain", False)
     if output not in ("table", "json"):
         raise ConfigError(f"plan.output={output!r}: use table or json")
     if not isinstance(top, int) or top < 1:
         raise ConfigError(f"plan.top={top!r}: use a positive integer")
+    if not isinstance(why, bool):
+        raise ConfigError(f"plan.explain={why!r}: use true or false")
+    if why:
+        top = max(top, 2)
     farm = load_farm(cfg.topology, source=raw.get("topology_file") or "topology")
     plans = search(model=cfg.model, train=cfg.train, parallel=cfg.parallel, farm=farm, top_k=top)
     if output == "json":
@@ -41,7 +48,10 @@ def run(argv: list[str]) -> int:
         sys.stdout.write("\n")
         return 0
     params = ModelShape.from_config(cfg.model).num_params
-    print_table(plans, farm=farm, model_name=cfg.model.name, params=params, console=Console(width=160))
+    console = Console(width=160)
+    print_table(plans, farm=farm, model_name=cfg.model.name, params=params, console=console)
+    if why:
+        explain(plans, console=console)
     return 0
 
 

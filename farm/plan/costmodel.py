@@ -418,7 +418,7 @@ def pipeline(
     }
     return {
         "step_time_s": step,
-        "bubble": fill / slots,
+        "bubble_share": fill / slots,
         "comm_time_s": slots * (stage["tp"] + 2 * v * p2p) + dp,
-        **terms,
+        "terms": terms,
     }

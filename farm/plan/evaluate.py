@@ -244,9 +244,9 @@ def evaluate(mdl: Model, lay: Layout) -> dict[str, Any]:
     est = cm.pipeline(m=m, p=p, v=v, stage=stage, p2p=p2p, dp=dp, optimizer=opt)
     return {
         "step_time_s": float(est["step_time_s"]),
-        "bubble": float(est["bubble"]),
+        "bubble": float(est["bubble_share"]),
         "comm_time_s": float(est["comm_time_s"]),
-        "terms": {key: float(est[key]) for key in cm.TERMS},
+        "terms": {key: float(est["terms"][key]) for key in cm.TERMS},
         "memory": worst,
         "grad_accum": m,
     }

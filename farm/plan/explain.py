@@ -64,10 +64,36 @@ def check_request(mdl: Model, req: Request, farm: Farm, groups: list[list[Segmen
             f"train.global_batch={G} is not a multiple of parallel.dp={req.dp} x micro-batch "
             f"({_fmt(b_options)}); use parallel.dp in {_fmt(ok[:16])} or change train.global_batch"
         )
-    _check_devices(req, farm, segs)
+    if req.virtual_stages and req.virtual_stages > 1:
+        if req.pp == 1:
+            raise PlanError(
+                f"parallel.virtual_stages={req.virtual_stages} interleaves pipeline stages but parallel.pp=1; "
+                "set parallel.virtual_stages=1 or parallel.pp > 1"
+            )
+        if req.pp and shape.n_layers // req.pp < req.virtual_stages:
+            raise PlanError(
+                f"parallel.virtual_stages={req.virtual_stages} needs {req.virtual_stages} blocks per stage, but "
+                f"model.n_layers={shape.n_layers} over parallel.pp={req.pp} gives {shape.n_layers // req.pp}; "
+                f"use parallel.virtual_stages={max(1, shape.n_layers // req.pp)} or less"
+            )
+    _check_devices(mdl, req, farm, segs)
 
 
-def _check_devices(req: Request, farm: Farm, segs: list[Segment]) -> None:
+def _valid(mdl: Model, req: Request, segs: list[Segment], knob: str, limit: int) -> int | None:
+    """The largest value of one fixed degree, at most ``limit``, that the request's rules allow."""
+    if knob == "tp":
+        domains = {s.hw.domain_size for s in segs}
+        ok = [t for d in domains for t in divisors(d) if mdl.shape.tp_divides(t) is None]
+    elif knob == "pp":
+        ok = list(range(1, mdl.shape.n_layers + 1))
+    else:
+        bs = [req.micro_batch] if req.micro_batch else divisors(req.max_micro_batch)
+        ok = [d for d in divisors(req.global_batch) if any(req.global_batch % (d * b) == 0 for b in bs)]
+    fitting = [v for v in ok if v <= limit]
+    return max(fitting) if fitting else None
+
+
+def _check_devices(mdl: Model, req: Request, farm: Farm, segs: list[Segment]) -> None:
     from farm.errors import PlanError
 
     fixed = {k: v for k, v in (("dp", req.dp), ("tp", req.tp), ("pp", req.pp)) if v}
@@ -78,8 +104,8 @@ def _check_devices(req: Request, farm: Farm, segs: list[Segment]) -> None:
     names = " x ".join(f"parallel.{k}" for k in fixed)
     changes = []
     for k, v in fixed.items():
-        largest = most // (need // v)
-        if largest >= 1:
+        largest = _valid(mdl, req, segs, k, most // (need // v))
+        if largest is not None:
             changes.append(f"parallel.{k} to {largest}")
     hint = f"lower {' or '.join(changes)} (or set it to auto)" if changes else "lower the fixed degrees"
     raise PlanError(
@@ -128,7 +154,9 @@ def _smallest_change(mdl: Model, req: Request, segs: list[Segment], farm: Farm) 
                     field, lay.micro_batch
                 )
                 return f"Smallest change: set {name}=auto ({name}={value} fits)"
-    all_auto = Request(None, None, None, None, None, None, req.global_batch, req.max_micro_batch)
+    all_auto = Request(
+        None, None, None, None, None, None, req.global_batch, req.max_micro_batch, runtime=req.runtime
+    )
     if any(uniform_candidates(mdl, all_auto, seg, 1)[0] for seg in segs):
         return "Smallest change: set parallel.dp/tp/pp/zero_stage/micro_batch=auto"
     state = mdl.shape.num_params * (2 * mdl.prec.weight + mdl.prec.optimizer)

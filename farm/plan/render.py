@@ -37,6 +37,9 @@ def row(plan: Plan) -> dict[str, Any]:
         "micro_batch": plan.micro_batch,
         "grad_accum": plan.grad_accum,
         "activation_checkpointing": plan.activation_checkpointing,
+        "recompute": plan.recompute,
+        "virtual_stages": plan.virtual_stages,
+        "sequence_parallel": plan.sequence_parallel,
         "devices": plan.world_size,
         "step_time_s": plan.step_time_s,
         "tokens_per_s": plan.tokens_per_s,
@@ -59,15 +62,17 @@ def print_table(plans: Sequence[Plan], *, farm: Farm, model_name: str, params: i
         f"{best.precision}"
     )
     table = Table(title="layouts, fastest first", title_justify="left")
-    for name in ("#", "dp", "tp", "pp", "ZeRO", "micro", "accum", "ckpt", "devices", "step s", "tokens/s",
-                 "MFU", "comm", "bubble", "GiB/dev"):  # fmt: skip
+    for name in ("#", "dp", "tp", "pp", "v", "SP", "ZeRO", "micro", "accum", "recompute", "devices", "step s",
+                 "tokens/s", "MFU", "comm", "bubble", "GiB/dev"):  # fmt: skip
         table.add_column(name, justify="right")
     for i, plan in enumerate(plans):
         r = row(plan)
         table.add_row(
             "best" if i == 0 else str(i + 1),
-            *(str(r[k]) for k in ("dp", "tp", "pp", "zero_stage", "micro_batch", "grad_accum")),
-            "on" if plan.activation_checkpointing else "off",
+            *(str(r[k]) for k in ("dp", "tp", "pp", "virtual_stages")),
+            "on" if plan.sequence_parallel else "off",
+            *(str(r[k]) for k in ("zero_stage", "micro_batch", "grad_accum")),
+            plan.recompute,
             str(plan.world_size),
             f"{plan.step_time_s:.3g}",
             f"{plan.tokens_per_s:,.0f}",
@@ -92,4 +97,45 @@ def print_table(plans: Sequence[Plan], *, farm: Farm, model_name: str, params: i
         f"tensor-parallel groups inside one node; {len(best.spares)} spare node(s)/device(s)"
     )
     for note in best.notes:
-        console.print(f"note: {note}")
+        if note.startswith("warning: "):
+            console.print(f"[bold yellow]warning:[/] {note.removeprefix('warning: ')}")
+        else:
+            console.print(f"note: {note}")
+
+
+def explain(plans: Sequence[Plan], *, console: Console) -> None:
+    """The best layout beside the runner-up, each part of the step time in seconds and as a share."""
+    shown = list(plans[:2])
+    table = Table(title="why the best layout wins: seconds per step, by part", title_justify="left")
+    table.add_column("part")
+    for i, plan in enumerate(shown):
+        table.add_column(f"{'best' if i == 0 else 'runner-up'}: {_label(plan)}", justify="right")
+    labels = {
+        "compute": "compute (GEMMs, attention, element-wise, head)",
+        "recompute": "recomputation",
+        "tp_comm": "tensor-parallel communication (exposed)",
+        "pp_comm": "pipeline transfers (exposed)",
+        "bubble": "pipeline bubble",
+        "dp_comm": "data-parallel communication (exposed)",
+        "optimizer": "optimizer step",
+    }
+    for key, label in labels.items():
+        cells = []
+        for plan in shown:
+            secs = plan.breakdown.get(key, 0.0)
+            cells.append(f"{secs:.3g} s ({secs / plan.step_time_s:.0%})")
+        table.add_row(label, *cells)
+    table.add_row("step", *(f"{p.step_time_s:.3g} s (MFU {p.mfu:.1%})" for p in shown), style="bold")
+    console.print(table)
+    if len(shown) < 2:
+        console.print("only one layout fits; there is no runner-up")
+
+
+def _label(plan: Plan) -> str:
+    extra = (f" v{plan.virtual_stages}" if plan.virtual_stages > 1 else "") + (
+        " SP" if plan.sequence_parallel else ""
+    )
+    return (
+        f"dp{plan.dp} tp{plan.tp} pp{plan.pp}{extra} ZeRO-{plan.zero_stage} b{plan.micro_batch} "
+        f"recompute={plan.recompute}"
+    )

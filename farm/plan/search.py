@@ -127,8 +127,8 @@ def make_grid(mdl: Model, req: Request, seg: Segment) -> dict[str, np.ndarray]:
     ok = ~((p > 1) & (z >= 2))  # DeepSpeed's pipeline engine (and Megatron's) shard at most like ZeRO-1
     if req.zero is None:
         ok &= z <= np.where(p > 1, rt.max_zero_with_pp, rt.max_zero)
-    # Interleaving needs p > 1, the same number of blocks in every chunk, and m a multiple of p.
-    ok &= (v == 1) | ((p > 1) & (L % (p * v) == 0) & (m % p == 0))
+    # Interleaving needs p > 1, at least one block per chunk, and m a multiple of p (Megatron's schedule).
+    ok &= (v == 1) | ((p > 1) & (L // p >= v) & (m % p == 0))
     t, p, d, b, z, c, v = (a[ok] for a in (t, p, d, b, z, c, v))
     if req.sequence_parallel is None:
         sp = ((t > 1) & rt.sequence_parallel) * 1

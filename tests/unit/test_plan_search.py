@@ -57,7 +57,7 @@ def brute_force(m: ModelConfig, train: TrainConfig, f: Farm, runtime: str = "far
     for t, p, d, b, z, c, v in itertools.product(tps, range(1, L + 1), range(1, G + 1), bs, range(4), range(2), vs):
         if G % (d * b) or t * p * d > seg.slots or z > (rt.max_zero_with_pp if p > 1 else rt.max_zero):
             continue
-        if v > 1 and (p == 1 or L % (p * v) or (G // (d * b)) % p):
+        if v > 1 and (p == 1 or L // p < v or (G // (d * b)) % p):
             continue
         sp = int(t > 1 and rt.sequence_parallel)
         est = evaluate(mdl, Layout(((seg, p),), t, d, b, z, c, uniform_split(L, p), v, sp))
