@@ -454,9 +454,10 @@ class Run:
         )  # fmt: skip
 
     def _mark_timeline(self, t: float, *, training: bool = True) -> None:
+        """(time, devices of the layout in use or being restored, tokens/s now: 0 while down)."""
         if self.record:
-            plan = self.seg.plan if (training and self.seg is not None) else None
-            self.timeline.append((t, plan.world_size if plan else 0, plan.tokens_per_s if plan else 0.0))
+            plan = self.seg.plan if self.seg is not None else self.down[2].plan if self.down else self.s.plan
+            self.timeline.append((t, plan.world_size, plan.tokens_per_s if training else 0.0))
 
 
 def _seq_len(plan: Plan) -> int:
