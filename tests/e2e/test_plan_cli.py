@@ -13,6 +13,8 @@ from farm.plan import Plan
 
 pytestmark = pytest.mark.e2e
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def plan_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "farm.plan", *args], cwd=cwd, capture_output=True, text=True,
@@ -58,3 +60,50 @@ def test_unknown_names_list_the_available_ones(tmp_path: Path) -> None:
     out = plan_cli("+topology=nope", cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "Could not find 'topology/nope'" in out.stderr and "sim-16k" in out.stderr
+
+
+def test_a_published_model_plans_with_the_defaults(tmp_path: Path) -> None:
+    """As a new user types it: every degree auto, the model's own batch (16M tokens)."""
+    out = plan_cli("+topology=sim-16k", "model=llama3-405b", "plan.output=json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    plan = Plan.from_json(json.loads(out.stdout)["plan"])
+    assert plan.global_batch == 2048 and plan.world_size == 16384
+    assert plan.mfu > 0.10 and not [n for n in plan.notes if n.startswith("warning:")]
+
+
+def test_explain_puts_the_best_beside_the_runner_up(tmp_path: Path) -> None:
+    out = plan_cli("+topology=dgx-h100-superpod", "model=gpt-1.3b", "--explain", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "why the best layout wins" in text and "runner-up:" in text
+    for part in ("compute", "recomputation", "tensor-parallel", "pipeline transfers", "pipeline bubble",
+                 "data-parallel", "optimizer step"):  # fmt: skip
+        assert part in text
+
+
+def test_a_topology_file_by_path_and_a_directory_of_farms(tmp_path: Path) -> None:
+    farm = (ROOT / "topologies" / "local.yaml").read_text().replace("name: local\n", "name: my-farm\n")
+    (tmp_path / "my-farm.yaml").write_text(farm)
+    out = plan_cli("+topology=my-farm.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "on my-farm (2 devices in 1 nodes)" in out.stdout
+    (tmp_path / "farms" / "topology").mkdir(parents=True)
+    (tmp_path / "farms" / "topology" / "lab.yaml").write_text(farm.replace("my-farm", "lab"))
+    out = plan_cli("+topology=lab", f"hydra.searchpath=[file://{tmp_path / 'farms'}]", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "on lab (2 devices in 1 nodes)" in out.stdout
+    out = plan_cli("+topology=missing.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "+topology=missing.yaml: no such file" in out.stderr
+
+
+def test_without_a_topology_the_farms_are_listed(tmp_path: Path) -> None:
+    out = plan_cli("model=gpt-tiny", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "Interpolation" not in out.stderr
+    assert "no farm given: add +topology=NAME" in out.stderr and "sim-16k" in out.stderr
+
+
+def test_over_capacity_advice_names_valid_degrees(tmp_path: Path) -> None:
+    out = plan_cli("+topology=dgx-h100-superpod", "model=gpt-7b", "parallel.dp=128", "parallel.tp=8", "parallel.pp=1",
+                   "train.global_batch=1024", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 2
+    assert "lower parallel.dp to 64 or parallel.tp to 4" in out.stderr and "tp to 7" not in out.stderr
