@@ -3,14 +3,16 @@ losing one node of sim-16k (<= 100 ms), measured side by side in one run.
 
     python benchmarks/bench_planner.py [--repeat N]
 
-Every degree is 'auto' (DP, TP, PP, ZeRO stage, micro-batch, activation checkpointing), so each run
-searches the whole space; the times include placing every rank on a device.
+Every choice is 'auto' (DP, TP, PP, ZeRO stage, micro-batch, recomputation; with runtime=megatron also
+virtual stages and sequence parallelism), so each run searches the whole space; the times include
+placing every rank on a device.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from farm.plan import Plan, make_plan, replan
 from farm.topology import load_farm
 
 ROOT = Path(__file__).resolve().parents[1]
-AUTO = ParallelConfig(dp="auto", tp="auto", pp="auto", zero_stage="auto", micro_batch="auto")
+AUTO = ParallelConfig()  # every field auto
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, Any]:
@@ -59,6 +61,11 @@ def main() -> None:
         lambda: make_plan(model=model, train=train16k, parallel=AUTO, farm=sim16k), args.repeat
     )
     t128k, plan128k = timed(lambda: make_plan(model=model, train=train128k, parallel=AUTO, farm=big), 3)
+    megatron = dataclasses.replace(AUTO, runtime="megatron")  # interleaving and sequence parallelism too
+    t16m, plan16m = timed(
+        lambda: make_plan(model=model, train=train16k, parallel=megatron, farm=sim16k), args.repeat
+    )
+    t128m, plan128m = timed(lambda: make_plan(model=model, train=train128k, parallel=megatron, farm=big), 3)
     lost = [plan16k.ranks[0].node]
     trp, new = timed(
         lambda: replan(plan16k, lost_nodes=lost, farm=sim16k, model=model, train=train16k, parallel=AUTO),
@@ -68,6 +75,8 @@ def main() -> None:
     rows = [
         ("plan sim-16k (16,384 devices)", t16k, 1.0, describe(plan16k)),
         ("plan 131,072 devices", t128k, 10.0, describe(plan128k)),
+        ("plan sim-16k, runtime=megatron", t16m, 1.0, describe(plan16m)),
+        ("plan 131,072 devices, runtime=megatron", t128m, 10.0, describe(plan128m)),
         (f"re-plan sim-16k without {lost[0]}", trp, 0.1, describe(new)),
     ]
     print(f"model {model.name}, all degrees auto; median of repeated runs on this machine")
