@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from farm.config import FarmConfig, from_container
-from farm.errors import ConfigError, FarmError, TopologyError
+from farm.errors import ConfigError, FarmError, Preempted, TopologyError
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -161,7 +161,8 @@ def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
         try:
             code = task(cfg)
         except FarmError as err:
-            print(f"{'error: ' if err.exit_code else ''}{err}", file=sys.stderr)
+            # A stop that a signal asked for is no error, though its exit code says "unfinished".
+            print(f"{'' if isinstance(err, Preempted) else 'error: '}{err}", file=sys.stderr)
             sys.exit(err.exit_code)
         if code:
             sys.exit(code)
@@ -173,6 +174,10 @@ def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
         except FarmError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
-        _app()
+        try:
+            _app()
+        except KeyboardInterrupt:  # Ctrl-C before or after training (the controller handles it during)
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
 
     return main

@@ -174,6 +174,12 @@ class CheckpointConfig:
     commit_timeout_s: float = 600.0
     """How long rank 0's commit waits for every rank's part before the save fails (the previous
     checkpoint stays valid)."""
+    max_failed_saves: int = 3
+    """Stop training after this many saves in a row failed (0: never), with a message naming the
+    newest valid checkpoint: past it, training goes on with nothing saved."""
+    max_unsaved_s: float = 3600.0
+    """Once a save has failed, stop when the newest valid checkpoint (or, without one, the start of
+    training in this launch) is older than this many seconds (0: never)."""
 
 
 @dataclass(frozen=True)
@@ -380,6 +386,9 @@ def validate(cfg: FarmConfig) -> None:
         raise ConfigError(f"parallel.recompute={p.recompute!r}: use auto, none, full or selective")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.checkpoint.max_failed_saves < 0 or cfg.checkpoint.max_unsaved_s < 0:
+        raise ConfigError(f"checkpoint.max_failed_saves={cfg.checkpoint.max_failed_saves} and checkpoint."
+                          f"max_unsaved_s={cfg.checkpoint.max_unsaved_s:g} must be >= 0 (0 turns the limit off)")
     if cfg.tracking.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"tracking.mode={cfg.tracking.mode!r}: use offline, online or disabled")
 

@@ -82,7 +82,34 @@ class TrainingDiverged(FarmError):
     exit_code = 5
 
 
-class Preempted(FarmError):
-    """The scheduler asked the run to stop; a checkpoint was written."""
+SIGNAL_EXIT_BASE = 128
+"""A run stopped by signal N exits with 128 + N, the shell's convention for "ended by signal N"."""
 
-    exit_code = 0
+
+def signal_exit_code(signal_name: str) -> int:
+    """The exit code of a run that a signal stopped: SIGINT 130, SIGUSR1 138, SIGTERM 143."""
+    import signal
+
+    return SIGNAL_EXIT_BASE + int(signal.Signals[signal_name])
+
+
+class Preempted(FarmError):
+    """A signal asked the run to stop before train.steps; it checkpointed and stopped cleanly.
+
+    The exit code is 128 + the signal's number (:func:`signal_exit_code`), never 0, so a supervisor
+    loop sees that the run is unfinished and that re-running the same command continues it: 130 for
+    SIGINT (Ctrl-C), 143 for SIGTERM, 138 for SIGUSR1 (the launchers' stop-and-requeue signal).
+    """
+
+    exit_code = SIGNAL_EXIT_BASE + 15
+
+    def __init__(self, message: str, *, signal_name: str = "SIGTERM") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = signal_exit_code(signal_name)
+
+
+class Interrupted(FarmError):
+    """A second Ctrl-C stopped the run at once, without a final checkpoint (exit 130)."""
+
+    exit_code = SIGNAL_EXIT_BASE + 2

@@ -3,14 +3,24 @@
 Under CPU emulation (docs/design.md invariant 4) every node of the topology becomes a Ray node carrying
 the farm's custom resources, so placement, node loss and re-planning run for real on one machine:
 a one-node farm is a plain local Ray instance; a multi-node farm is one raylet per node
-(``ray.cluster_utils.Cluster``). Ray's own console output is kept out of the user's terminal.
+(``ray.cluster_utils.Cluster``). Ray's own console output is kept out of the user's terminal: what
+its driver-side listener prints about dead workers and raylets goes to the run directory's
+``logs/ray.log`` (:func:`ray_messages_to`).
+
+A private emulated cluster declares a node dead within about 1.5 s of its raylet's death
+(:data:`EMULATED_HEALTH_CHECK`) instead of Ray's 15-16.5 s; docs/runtime.md says what real clusters
+should set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from farm.errors import StartupFailure
@@ -21,6 +31,16 @@ _QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
 }
+
+EMULATED_HEALTH_CHECK = {
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 3,
+    "health_check_timeout_ms": 2000,
+}
+"""How fast the GCS of a private emulated cluster declares a raylet dead. A killed raylet refuses the
+GCS's health check at once, so a node is declared dead after period x threshold, about 1.5 s (Ray's
+defaults, 3000 ms x 5 with a 10 s timeout, take 15-16.5 s). The timeout only matters for a raylet
+that hangs: 2 s keeps a raylet on two cores busy with training from being declared dead by mistake."""
 
 
 @dataclass
@@ -107,10 +127,40 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
 
     # The head carries no farm node, so losing any farm node never takes the cluster down.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1",
-                                                              "include_dashboard": False})
+                                                              "include_dashboard": False,
+                                                              "_system_config": dict(EMULATED_HEALTH_CHECK)})
     for node in farm.nodes:
         cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node), node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     # The driver joins as a loopback node too, or it looks for a raylet on the host's address.
     ray.init(address=cluster.address, _node_ip_address="127.0.0.1", **_init_kwargs())
     return RayHandle(address=cluster.address, started=True, cluster=cluster)
+
+
+@contextlib.contextmanager
+def ray_messages_to(path: Path) -> Iterator[None]:
+    """Send what Ray's driver prints about the cluster (dead workers, raylet log dumps, nodes marked
+    dead) to ``path`` instead of the console, while the block runs.
+
+    Ray's error listener thread prints those messages through ``ray._private.worker.print_to_stdstream``
+    and has no switch of its own (``log_to_driver=False`` covers only the workers' output). farm's own
+    line about a failure then reaches the console alone, and the log keeps Ray's detail for a
+    post-mortem.
+    """
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def to_file(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        source = data.get("pid", "ray")
+        with open(path, "a") as log:
+            for line in data.get("lines", []):
+                log.write(f"{stamp} ({source}) {line}\n")
+
+    ray_worker.print_to_stdstream = to_file
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = original

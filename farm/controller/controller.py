@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from farm.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from farm.controller.cluster import ray_messages_to
 from farm.controller.policy import AbortPolicy, FailureContext, FailurePolicy
-from farm.controller.worker_group import WorkerFailed, WorkerGroup
-from farm.errors import CheckpointError, FarmError, Preempted, WorkerFailure
+from farm.controller.saves import SaveHistory, group_failures, ranks_text
+from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
+from farm.errors import (
+    CheckpointError,
+    FarmError,
+    Interrupted,
+    Preempted,
+    StartupFailure,
+    StartupTimeout,
+    WorkerFailure,
+)
 from farm.plan import Plan
 from farm.topology import Farm
 from farm.tracking import StepMetrics, Tracker
@@ -82,8 +93,10 @@ class Controller:
         self.group: WorkerGroup | None = None
         self.last_checkpoint: int | None = None
         self.stop_signal: str | None = None
+        self.step = 0
+        """The last step every rank completed."""
         self.failures = 0
-        self.last_save_error: str | None = None
+        self.saves = SaveHistory(parts.checkpoint, last_valid=None, now=time.monotonic())
         self.saving = False
         """A save is in flight: poll the workers for its outcome after each step."""
         # Names this attempt's in-progress checkpoint directories apart from a crashed attempt's.
@@ -110,11 +123,18 @@ class Controller:
 
     def run(self, *, resume_path: str | None, resume_step: int) -> Finished:
         self.last_checkpoint = resume_step if resume_path else None
+        self.step = resume_step
+        self.saves = SaveHistory(self.p.checkpoint, last_valid=self.last_checkpoint, now=time.monotonic())
         state: State = Starting(resume_path, resume_step)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         try:
-            while not isinstance(state, Finished | Failed):
-                state = self._step(state)
+            with ray_messages_to(self.p.run_dir / "logs" / "ray.log"):
+                while not isinstance(state, Finished | Failed):
+                    state = self._step(state)
+        except Interrupted:
+            self.tracker.event("interrupted", step=self.step, last_checkpoint=self.last_checkpoint)
+            raise
         finally:
             # Shut the workers down before giving the signals back: a second SIGTERM during the
             # shutdown must not reach Ray's handler, which exits the driver mid-way.
@@ -128,7 +148,18 @@ class Controller:
         return state
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        self.stop_signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.stop_signal is not None:
+            # Raised in the main thread wherever it waits; run() shuts the workers down on the way out.
+            raise Interrupted(
+                f"interrupted again at step {self.step}: stopped at once, without a final checkpoint; "
+                f"{_resume_hint(self.last_checkpoint)}"
+            )
+        if self.stop_signal is None:
+            self.stop_signal = name
+            if signum == signal.SIGINT:
+                print(f"\nCtrl-C: finishing step {self.step + 1}, then checkpointing and stopping "
+                      "(press Ctrl-C again to stop at once, without a checkpoint)", file=sys.stderr, flush=True)
 
     def _step(self, state: State) -> State:
         try:
@@ -140,6 +171,8 @@ class Controller:
                 return self._finish(state)
         except WorkerFailed as err:
             return self._on_failure(state, err)
+        except (StartupFailure, StartupTimeout) as err:
+            return self._on_startup_failure(state, err)
         raise AssertionError(f"no transition from {state}")
 
     def _start(self, state: Starting) -> State:
@@ -159,6 +192,7 @@ class Controller:
                            nodes=[p.plan.ranks[i].node for i in range(len(setups))])
         if state.resume_path:
             self.tracker.event("resume", step=state.resume_step, checkpoint=state.resume_path)
+        self.saves.saved_at = time.monotonic()  # unsaved time counts from the start of training
         return Training(step=state.resume_step)
 
     def _train(self, state: Training) -> State:
@@ -172,9 +206,12 @@ class Controller:
         elapsed = time.perf_counter() - started
         report = reports[self.reporter][-1]
         self._log_step(report, elapsed)
+        step = self.step = int(report["step"])
         if self.saving:
             self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
-        step = int(report["step"])
+            stop = self.saves.over_limit(now=time.monotonic())
+            if stop is not None:
+                return self._stop_unsaved(step, stop)
         if self.should_checkpoint(step):
             self._save(step)
         return Training(step=step)
@@ -206,20 +243,32 @@ class Controller:
                         root=root, step=step, meta=meta, cfg=self.p.checkpoint)
 
     def _note_commits(self, outcomes: list[dict[str, list[Any]]]) -> None:
-        """Log what the ranks' background saves committed (rank 0 commits) or failed to write."""
+        """Log what the ranks' background saves committed (rank 0 commits) or failed to write: one
+        event per failed save, naming the ranks that saw it."""
         if outcomes[0]["committed"] or any(o["failed"] for o in outcomes):
             self.saving = False  # the one save in flight has ended
         for step in outcomes[0]["committed"]:
             self.last_checkpoint = step
+            self.saves.committed(step, now=time.monotonic())
             self.tracker.event("checkpoint", step=step,
                                path=str(self.p.run_dir / "checkpoints" / f"step-{step:08d}"))
-        messages = list(dict.fromkeys(m for outcome in outcomes for m in outcome["failed"]))
-        for message in messages:
-            # A failed save (a full disk, say) leaves the previous checkpoint valid; training goes on.
-            self.tracker.event("checkpoint_failed", last_valid=self.last_checkpoint, detail=message)
-        if messages:
-            # One rank's failure aborts the shared save, so the others may report only that.
-            self.last_save_error = "; ".join(messages)
+        for failure in group_failures(f for outcome in outcomes for f in outcome["failed"]):
+            # A failed save (a full disk, say) leaves the previous checkpoint valid; training goes on
+            # until checkpoint.max_failed_saves or checkpoint.max_unsaved_s says otherwise.
+            self.saves.failed(failure)
+            self.tracker.event("checkpoint_failed", step=failure.step, last_valid=self.last_checkpoint,
+                               ranks=ranks_text(failure.ranks), failed_in_a_row=len(self.saves.failed_in_a_row),
+                               detail=failure.detail)
+
+    def _stop_unsaved(self, step: int, why: str) -> State:
+        """Training past the save limits would be work nobody can resume: stop, naming the last valid step."""
+        error = CheckpointError(
+            f"{why}: training stopped at step {step}; the newest valid checkpoint is "
+            f"{_step_text(self.last_checkpoint)}. Last error: {self.saves.last_error}. Fix the storage under "
+            f"{self.p.run_dir / 'checkpoints'} and {_resume_hint(self.last_checkpoint)}"
+        )
+        self.tracker.event("failure", step=step, rank=None, node=None, fault="checkpoints_failing", detail=why)
+        return Failed(step=step, error=error)
 
     def _finish(self, state: Finishing) -> State:
         assert self.group is not None
@@ -232,7 +281,7 @@ class Controller:
         if self.last_checkpoint != state.step:
             return Failed(step=state.step, error=CheckpointError(
                 f"training reached step {state.step} but its checkpoint could not be written "
-                f"({self.last_save_error}); the newest valid checkpoint is step {self.last_checkpoint}. "
+                f"({self.saves.last_error}); the newest valid checkpoint is {_step_text(self.last_checkpoint)}. "
                 f"Free space under {self.p.run_dir / 'checkpoints'} and re-run the same command to resume"
             ))
         if state.reason not in ("done", "stop_after_step"):
@@ -255,9 +304,33 @@ class Controller:
             self.group = None
         return Failed(step=step, error=WorkerFailure(f"{err} at step {step + 1}. {decision.reason}"))
 
+    def _on_startup_failure(self, state: State, err: StartupFailure | StartupTimeout) -> State:
+        """The workers never trained: record the failure (for a post-mortem) and stop with its message."""
+        self.failures += 1
+        step = getattr(state, "step", getattr(state, "resume_step", 0))
+        fault = err.fault if isinstance(err, StartupFailed | StartupTimedOut) else None
+        kind = "startup_timeout" if isinstance(err, StartupTimeout) else "startup_failure"
+        self.tracker.event("failure", step=step, rank=None if fault is None else fault.rank,
+                           node=None if fault is None else fault.node, fault=kind,
+                           detail=str(err) if fault is None else fault.detail)
+        if self.group is not None:
+            self.group.shutdown(graceful=False)
+            self.group = None
+        return Failed(step=step, error=err)
+
+
+def _step_text(step: int | None) -> str:
+    return "none (no checkpoint yet)" if step is None else f"step {step}"
+
+
+def _resume_hint(step: int | None) -> str:
+    return (f"re-run the same command to resume from checkpoint step {step}" if step is not None
+            else "re-run the same command to start again from step 0 (no checkpoint yet)")
+
 
 def preempted_message(finished: Finished, last_checkpoint: int | None) -> Preempted:
+    what = "interrupted (Ctrl-C)" if finished.reason == "SIGINT" else f"stopped by {finished.reason}"
     return Preempted(
-        f"preempted by {finished.reason} at step {finished.step}; checkpoint step {last_checkpoint} written; "
-        "resubmit or requeue to continue"
+        f"{what} at step {finished.step}; checkpoint step {last_checkpoint} written; re-run the same command "
+        "(or resubmit, or requeue) to continue", signal_name=finished.reason,
     )

@@ -26,6 +26,27 @@ class WorkerFailed(WorkerFailure):
         self.fault = fault
 
 
+class StartupFailed(StartupFailure):
+    """A worker failed while starting; ``fault`` names it (None: no single worker is to blame)."""
+
+    def __init__(self, message: str, fault: WorkerFault | None = None) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+class StartupTimedOut(StartupTimeout):
+    """The workers did not come up in time; ``fault`` names the first late one, if any."""
+
+    def __init__(self, message: str, fault: WorkerFault | None = None) -> None:
+        super().__init__(message)
+        self.fault = fault
+
+
+NODE_DEATH_WAIT_S = 3.0
+"""How long a worker's death is checked against its node's before it counts as a process death: on
+a private emulated cluster the GCS declares a dead raylet's node dead within about 1.5 s."""
+
+
 def _bundle(spec: AcceleratorSpec, devices: int, node_resources: dict[str, float]) -> dict[str, float]:
     bundle: dict[str, float] = {spec.ray_resource: float(devices)}
     # Pin the bundle to its farm node: emulated nodes carry a resource naming them.
@@ -62,7 +83,7 @@ class WorkerGroup:
         ready, _ = ray.wait([self.pg.ready()], timeout=startup_timeout_s)
         if not ready:
             ray.util.remove_placement_group(self.pg)
-            raise StartupTimeout(
+            raise StartupTimedOut(
                 f"the farm's devices were not available within run.startup_timeout_s={startup_timeout_s}: "
                 f"Ray could not place {bundles} (cluster resources: {ray.cluster_resources()}). Check that "
                 "the cluster has the nodes the topology describes"
@@ -105,7 +126,7 @@ class WorkerGroup:
                 late = sorted(refs[p] for p in pending)
                 fault = WorkerFault(rank=late[0], node=self.node_of[late[0]], kind="timeout",
                                     detail=f"no answer within {timeout:.0f}s")
-                error = StartupTimeout if startup else WorkerFailed
+                error = StartupTimedOut if startup else WorkerFailed
                 raise self._error(error, f"{what}: rank(s) {late} gave no answer within {timeout:.0f}s "
                                   "(a hung collective or a stalled node)", fault)
             rank = refs[ready[0]]
@@ -113,9 +134,10 @@ class WorkerGroup:
             try:
                 results[rank] = ray.get(ready[0])
             except RayActorError as err:
-                fault = WorkerFault(rank=rank, node=node, kind="died", detail=_first_line(err))
-                raise self._error(StartupFailure if startup else WorkerFailed,
-                                  f"{what}: worker rank {rank} on node {node} died ({fault.detail})", fault) from None
+                fault = self._death(rank, err)
+                how = "lost with its node" if fault.loses_node else "died"
+                raise self._error(StartupFailed if startup else WorkerFailed,
+                                  f"{what}: worker rank {rank} on node {node} {how} ({fault.detail})", fault) from None
             except RayTaskError as err:
                 cause = err.cause
                 if isinstance(cause, FarmError):
@@ -123,11 +145,12 @@ class WorkerGroup:
                 # A peer that died makes the others' collectives fail first: blame it, not them.
                 lost = self._find_lost(pending, refs)
                 if lost is not None:
-                    raise self._error(StartupFailure if startup else WorkerFailed,
-                                      f"{what}: worker rank {lost.rank} on node {lost.node} died ({lost.detail})",
+                    how = "lost with its node" if lost.loses_node else "died"
+                    raise self._error(StartupFailed if startup else WorkerFailed,
+                                      f"{what}: worker rank {lost.rank} on node {lost.node} {how} ({lost.detail})",
                                       lost) from None
                 fault = WorkerFault(rank=rank, node=node, kind="error", detail=f"{type(cause).__name__}: {cause}")
-                raise self._error(StartupFailure if startup else WorkerFailed,
+                raise self._error(StartupFailed if startup else WorkerFailed,
                                   f"{what}: worker rank {rank} on node {node} failed: {fault.detail} "
                                   f"(full traceback in the run directory's logs/rank-{rank:05d}.log)", fault) from None
             except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
@@ -160,10 +183,29 @@ class WorkerGroup:
                 time.sleep(1.0)
         return None
 
+    def _death(self, rank: int, err: BaseException) -> WorkerFault:
+        """A dead worker's fault: ``node_lost`` when its node is gone too (a raylet's workers die with
+        it, before the GCS has declared the node dead), else ``died``."""
+        import ray
+
+        node = self.node_of[rank]
+        detail = _first_line(err)
+        if "node has died" in str(err) or "node was terminated" in str(err):
+            return WorkerFault(rank=rank, node=node, kind="node_lost", detail=detail)
+        node_id = self.infos[rank]["node_id"] if rank < len(getattr(self, "infos", [])) else None
+        deadline = time.monotonic() + NODE_DEATH_WAIT_S
+        while node_id is not None:
+            if any(n["NodeID"] == node_id and not n["Alive"] for n in ray.nodes()):
+                return WorkerFault(rank=rank, node=node, kind="node_lost", detail=f"its node was lost; {detail}")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.25)
+        return WorkerFault(rank=rank, node=node, kind="died", detail=detail)
+
     @staticmethod
     def _error(cls: type[FarmError], message: str, fault: WorkerFault) -> FarmError:
-        if issubclass(cls, WorkerFailed):
-            return WorkerFailed(message, fault)
+        if issubclass(cls, WorkerFailed | StartupFailed | StartupTimedOut):
+            return cls(message, fault)
         return cls(message)
 
     def shutdown(self, *, graceful: bool) -> None:

@@ -7,11 +7,14 @@ is one call from the driver, so the driver always knows which step every worker 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,15 +47,76 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _redirect_logs(run_dir: str, rank: int) -> None:
-    """Worker output goes to run_dir/logs/rank-N.log, not to the user's console."""
+log = logging.getLogger("farm.worker")
+
+
+class _RankFilter(logging.Filter):
+    """Stamps every record of a worker's log with its rank and the attempt it serves."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank, self.attempt = rank, "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank, record.attempt = self.rank, self.attempt
+        return True
+
+
+def _redirect_logs(run_dir: str, rank: int) -> _RankFilter:
+    """Worker output goes to run_dir/logs/rank-N.log, not to the user's console; log records carry
+    a timestamp, the rank and the attempt."""
     log_dir = Path(run_dir) / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     stream = open(log_dir / f"rank-{rank:05d}.log", "a", buffering=1)  # noqa: SIM115 - lives with the process
     os.dup2(stream.fileno(), 1)
     os.dup2(stream.fileno(), 2)
     sys.stdout = sys.stderr = stream
-    logging.basicConfig(stream=stream, level=logging.INFO, force=True)
+    stamp = _RankFilter(rank)
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(stamp)
+    handler.setFormatter(logging.Formatter("%(asctime)s rank %(rank)s attempt %(attempt)s %(levelname)s "
+                                           "%(name)s: %(message)s"))
+    logging.basicConfig(handlers=[handler], level=logging.INFO, force=True)
+    return stamp
+
+
+def _logged(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Write the full traceback of a failing driver call into the rank's log before Ray carries the
+    error to the driver (whose message points here)."""
+
+    @functools.wraps(method)
+    def call(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except BaseException:
+            log.exception("%s failed", method.__name__)
+            raise
+
+    return call
+
+
+def fate_share_with_raylet(poll_s: float = 0.2) -> None:
+    """Exit when this process's raylet dies, as the workers of a lost machine do.
+
+    Ray's workers otherwise outlive a killed raylet: calls from the driver reach them directly, so a
+    node whose raylet died keeps training until the GCS declares it dead. The raylet is the worker's
+    parent (``RAY_RAYLET_PID``); when it dies the worker is re-parented, which a cheap poll of
+    ``getppid`` sees.
+    """
+    raylet = int(os.environ.get("RAY_RAYLET_PID", "0") or 0)
+    if raylet <= 0 or os.getppid() != raylet:
+        log.info("raylet pid %s is not this worker's parent (%s): no fate-sharing", raylet or "unknown",
+                 os.getppid())
+        return
+
+    def watch() -> None:
+        while os.getppid() == raylet:
+            time.sleep(poll_s)
+        log.error("the raylet (pid %d) of this worker's node is gone: exiting with the node", raylet)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="raylet-watch", daemon=True).start()
 
 
 def import_device_module(name: str | None) -> None:
@@ -101,16 +165,23 @@ class _Ledger:
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        _redirect_logs(spec.run_dir, spec.rank)
+        self._stamp = _redirect_logs(spec.run_dir, spec.rank)
+        log.info("worker pid %d on %s (world %d)", os.getpid(), socket.gethostname(), spec.world_size)
+        fate_share_with_raylet()
         os.environ["DS_ACCELERATOR"] = spec.ds_accelerator
-        import_device_module(spec.torch_module)
+        try:
+            import_device_module(spec.torch_module)
+        except BaseException:
+            log.exception("start-up failed")
+            raise
         torch.set_num_threads(spec.threads)
         self.engine: Any = None
         self.stream: Any = None
         self.ledger: _Ledger | None = None
         self._save_thread: threading.Thread | None = None
         self._committed: list[int] = []
-        self._failed: list[str] = []
+        self._failed: list[dict[str, Any]] = []
+        """Saves that failed here: step, rank and the error, for the driver to fold into one report."""
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -121,6 +192,7 @@ class Worker:
     def pick_port(self) -> int:
         return free_port()
 
+    @_logged
     def setup(self, *, master_addr: str, master_port: int, plan: dict[str, Any], model: ModelConfig,
               train: TrainConfig, data: DataConfig, vocab_size: int, decay_steps: int, precision: str,
               resume: str | None, resume_step: int, attempt: str) -> dict[str, Any]:
@@ -132,6 +204,8 @@ class Worker:
         from farm.runtime.groups import build_context
 
         spec = self.spec
+        self._stamp.attempt = attempt
+        log.info("setup: process group at %s:%d, resume %s", master_addr, master_port, resume or "none")
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(spec.rank),
                           WORLD_SIZE=str(spec.world_size), LOCAL_RANK="0")
         if spec.torch_device != "cpu":
@@ -173,6 +247,7 @@ class Worker:
         with open_checkpoint(CheckpointInfo(step=step, path=Path(path)), verify=False) as reader:
             self.engine.import_state(reader.read, step=step)
 
+    @_logged
     def run_steps(self, n: int) -> list[dict[str, Any]]:
         """Train n optimizer steps; returns one report per step."""
         reports = []
@@ -185,6 +260,7 @@ class Worker:
 
     # -- checkpoints --------------------------------------------------------------------------------
 
+    @_logged
     def save(self, *, root: str, step: int, meta: dict[str, Any], cfg: CheckpointConfig) -> None:
         """Snapshot this rank's slices (collective), then write them, in the background if async.
 
@@ -210,17 +286,18 @@ class Worker:
                 self._committed.append(step)
 
         if cfg.async_save:
-            self._save_thread = threading.Thread(target=self._guard(write), name=f"ckpt-{step}", daemon=True)
+            self._save_thread = threading.Thread(target=self._guard(write, step), name=f"ckpt-{step}", daemon=True)
             self._save_thread.start()
         else:
-            self._guard(write)()
+            self._guard(write, step)()
 
-    def _guard(self, fn: Any) -> Any:
+    def _guard(self, fn: Callable[[], None], step: int) -> Callable[[], None]:
         def run() -> None:
             try:
                 fn()
-            except CheckpointError as err:  # reported to the driver; training goes on
-                self._failed.append(str(err))
+            except CheckpointError as err:  # reported to the driver, which decides whether training goes on
+                log.warning("checkpoint step %d failed: %s", step, err)
+                self._failed.append({"step": step, "rank": self.spec.rank, "error": str(err)})
 
         return run
 

@@ -119,6 +119,14 @@ farm_stop_ray() {
   rm -rf "$FARM_RAY_TMP" "$RAY_AUTH_TOKEN_PATH"
 }
 
+# farm.launch exits 128 + N when signal N stopped it after its checkpoint (farm.errors.Preempted); here it
+# only ever gets SIGUSR1: 138. The job did what the queue asked, so it ends 0 (COMPLETED); whether the
+# run goes on is the requeue's call (farm_unfinished).
+FARM_EXIT_STOPPED=138
+farm_job_exit() {  # $1: farm.launch's exit code; prints the job's
+  if [ "$1" -eq "$FARM_EXIT_STOPPED" ]; then echo 0; else echo "$1"; fi
+}
+
 # Whether the run has yet to reach train.steps (and so should continue), from its events.jsonl.
 farm_unfinished() {
   [ "$("$FARM_PYTHON" -m farm.queue.bringup status --run-dir "$FARM_RUN_DIR")" != done ]
