@@ -17,7 +17,7 @@ from typing import Any
 from farm.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from farm.controller.cluster import ray_messages_to
 from farm.controller.policy import AbortPolicy, FailureContext, FailurePolicy
-from farm.controller.saves import SaveHistory, group_failures, ranks_text
+from farm.controller.saves import SaveHistory, ranks_text
 from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
 from farm.errors import (
     CheckpointError,
@@ -171,8 +171,10 @@ class Controller:
                 return self._finish(state)
         except WorkerFailed as err:
             return self._on_failure(state, err)
-        except (StartupFailure, StartupTimeout) as err:
-            return self._on_startup_failure(state, err)
+        except Interrupted:
+            raise
+        except FarmError as err:  # start-up failures, and errors a worker raised with their own message
+            return self._on_error(state, err)
         raise AssertionError(f"no transition from {state}")
 
     def _start(self, state: Starting) -> State:
@@ -245,14 +247,15 @@ class Controller:
     def _note_commits(self, outcomes: list[dict[str, list[Any]]]) -> None:
         """Log what the ranks' background saves committed (rank 0 commits) or failed to write: one
         event per failed save, naming the ranks that saw it."""
-        if outcomes[0]["committed"] or any(o["failed"] for o in outcomes):
-            self.saving = False  # the one save in flight has ended
-        for step in outcomes[0]["committed"]:
+        committed, failures = self.saves.take(outcomes)
+        if committed or failures:
+            self.saving = False  # rank 0 has ended the one save in flight
+        for step in committed:
             self.last_checkpoint = step
             self.saves.committed(step, now=time.monotonic())
             self.tracker.event("checkpoint", step=step,
                                path=str(self.p.run_dir / "checkpoints" / f"step-{step:08d}"))
-        for failure in group_failures(f for outcome in outcomes for f in outcome["failed"]):
+        for failure in failures:
             # A failed save (a full disk, say) leaves the previous checkpoint valid; training goes on
             # until checkpoint.max_failed_saves or checkpoint.max_unsaved_s says otherwise.
             self.saves.failed(failure)
@@ -304,14 +307,19 @@ class Controller:
             self.group = None
         return Failed(step=step, error=WorkerFailure(f"{err} at step {step + 1}. {decision.reason}"))
 
-    def _on_startup_failure(self, state: State, err: StartupFailure | StartupTimeout) -> State:
-        """The workers never trained: record the failure (for a post-mortem) and stop with its message."""
+    def _on_error(self, state: State, err: FarmError) -> State:
+        """Record a failure no policy can help with (for a post-mortem) and stop with its message."""
         self.failures += 1
         step = getattr(state, "step", getattr(state, "resume_step", 0))
         fault = err.fault if isinstance(err, StartupFailed | StartupTimedOut) else None
-        kind = "startup_timeout" if isinstance(err, StartupTimeout) else "startup_failure"
+        if isinstance(err, StartupTimeout):
+            kind = "startup_timeout"
+        elif isinstance(state, Starting) or isinstance(err, StartupFailure):
+            kind = "startup_failure"
+        else:
+            kind = "error"
         self.tracker.event("failure", step=step, rank=None if fault is None else fault.rank,
-                           node=None if fault is None else fault.node, fault=kind,
+                           node=None if fault is None else fault.node, fault=kind, error=type(err).__name__,
                            detail=str(err) if fault is None else fault.detail)
         if self.group is not None:
             self.group.shutdown(graceful=False)

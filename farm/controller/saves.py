@@ -9,7 +9,7 @@ age of the newest valid checkpoint, the two limits past which training stops
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,27 @@ class SaveHistory:
         self.saved_at = now
         """When the newest valid checkpoint was committed (or this launch began training)."""
         self.failed_in_a_row: list[SaveFailure] = []
+        self._held: dict[int, list[Mapping[str, Any]]] = {}
+        self._reported: set[int] = set()
+
+    def take(self, outcomes: Sequence[Mapping[str, list[Any]]]) -> tuple[list[int], list[SaveFailure]]:
+        """The steps rank 0 committed and the saves that ended in failure, from one poll of every rank
+        (``outcomes[r]``: ``{"committed": [step...], "failed": [{"step", "rank", "error"}...]}``).
+
+        Rank 0 commits, so its report ends a save; the other ranks' reports of the same save are held
+        until then, so that the save is reported once with every rank that saw it by that time. Reports
+        of a save already reported are dropped (each rank's log keeps them)."""
+        for report in (r for outcome in outcomes for r in outcome["failed"]):
+            step = int(report["step"])
+            if step not in self._reported:
+                self._held.setdefault(step, []).append(report)
+        ended = sorted({int(r["step"]) for r in outcomes[0]["failed"]} - self._reported)
+        failures = [group_failures(self._held.pop(step))[0] for step in ended]
+        self._reported.update(ended)
+        committed = [int(step) for step in outcomes[0]["committed"]]
+        for step in committed:
+            self._held.pop(step, None)
+        return committed, failures
 
     def committed(self, step: int, *, now: float) -> None:
         self.last_valid = step

@@ -1,4 +1,5 @@
-"""A worker killed mid-run stops the run within seconds with a message naming it and the step."""
+"""A worker killed mid-run stops the run within seconds with a message naming it and the step; Ray's own
+text about it goes to logs/ray.log, not to the console."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def test_killed_worker_stops_the_run_with_a_clear_error(tiny_data: Path, tmp_pat
         pid = next(e for e in events if e["event"] == "workers")["pids"][1]
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        _out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         stopped_after = time.monotonic() - killed_at
     finally:
         if proc.poll() is None:
@@ -49,6 +50,10 @@ def test_killed_worker_stops_the_run_with_a_clear_error(tiny_data: Path, tmp_pat
     assert "worker rank 1 on node local-0 died" in err
     assert "at step" in err and "re-run the same command to resume from checkpoint step" in err
     assert "Traceback" not in err
+    # Ray's own text about the dead worker goes to the run dir's logs, not to the console.
+    assert "(raylet)" not in out + err and "A worker died or was killed" not in out + err, out
+    assert "A worker died or was killed" in (run_dir / "logs" / "ray.log").read_text()
+    assert len(out + err) < 1500, f"{len(out + err)} characters on the console"
     events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
     failure = next(e for e in events if e["event"] == "failure")
     decision = next(e for e in events if e["event"] == "decision")

@@ -39,3 +39,14 @@ def test_unsaved_time_stops_training_only_after_a_failed_save() -> None:
     assert history.over_limit(now=150.0) is None
     why = history.over_limit(now=161.0)
     assert why is not None and "61 s have passed since training started" in why and "max_unsaved_s=60" in why
+
+
+def test_a_save_is_reported_once_when_rank_0_ends_it_with_the_ranks_seen_by_then() -> None:
+    history = SaveHistory(CheckpointConfig(), last_valid=2, now=0.0)
+    full = {"step": 4, "rank": 1, "error": "No space left on device"}
+    assert history.take([{"committed": [], "failed": []}, {"committed": [], "failed": [full]}]) == ([], [])
+    aborted = {"step": 4, "rank": 0, "error": "another rank aborted this save"}
+    committed, failures = history.take([{"committed": [], "failed": [aborted]}, {"committed": [], "failed": []}])
+    assert committed == [] and [(f.step, f.ranks, f.detail) for f in failures] == [(4, (0, 1), full["error"])]
+    late = {"step": 4, "rank": 2, "error": "another rank aborted this save"}
+    assert history.take([{"committed": [6], "failed": []}, {"committed": [], "failed": [late]}]) == ([6], [])
