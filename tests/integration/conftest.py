@@ -7,6 +7,7 @@ cluster's start-up; every run still starts its own workers and tears them down.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,21 @@ def farm_cluster() -> Iterator[str]:
     if ray.is_initialized():
         ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MiB filesystem: room for one checkpoint of the test model (about 11 MiB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode:
+        pytest.skip(f"a full-disk test needs to mount a small tmpfs (root): {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def run_farm(run_dir: Path, *, data: Path, address: str, topology: str = "local", dp: int = 1, tp: int = 1,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,21 +48,6 @@ def test_every_sample_once_per_epoch_across_a_boundary_and_a_relayout(small_epoc
     assert len(set(epoch1)) == len(epoch1)
     assert epoch1 != epoch0[: len(epoch1)], "epoch 1 is shuffled anew"
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, 13))
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 MiB filesystem: room for one checkpoint of the test model (about 11 MiB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"a full-disk test needs to mount a small tmpfs (root): {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_full_disk_fails_the_save_clearly_and_training_goes_on(tiny_data: Path, farm_cluster: str,

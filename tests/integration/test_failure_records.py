@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,21 +16,6 @@ from farm.tracking import read_events, read_metrics
 from tests.integration.conftest import run_farm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 MiB filesystem: room for one checkpoint of the test model (about 11 MiB), not two."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        pytest.skip(f"a full-disk test needs to mount a small tmpfs (root): {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_failed_saves_in_a_row_stop_training_naming_the_last_valid_step(
