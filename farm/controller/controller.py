@@ -93,6 +93,8 @@ class Controller:
         self.group: WorkerGroup | None = None
         self.last_checkpoint: int | None = None
         self.stop_signal: str | None = None
+        self.interrupted = False
+        """A second SIGINT came: stop at once."""
         self.step = 0
         """The last step every rank completed."""
         self.failures = 0
@@ -132,9 +134,14 @@ class Controller:
             with ray_messages_to(self.p.run_dir / "logs" / "ray.log"):
                 while not isinstance(state, Finished | Failed):
                     state = self._step(state)
-        except Interrupted:
+        except KeyboardInterrupt:
+            if not self.interrupted:
+                raise
             self.tracker.event("interrupted", step=self.step, last_checkpoint=self.last_checkpoint)
-            raise
+            raise Interrupted(
+                f"interrupted again at step {self.step}: stopped at once, without a final checkpoint; "
+                f"{_resume_hint(self.last_checkpoint)}"
+            ) from None
         finally:
             # Shut the workers down before giving the signals back: a second SIGTERM during the
             # shutdown must not reach Ray's handler, which exits the driver mid-way.
@@ -150,11 +157,10 @@ class Controller:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.stop_signal is not None:
-            # Raised in the main thread wherever it waits; run() shuts the workers down on the way out.
-            raise Interrupted(
-                f"interrupted again at step {self.step}: stopped at once, without a final checkpoint; "
-                f"{_resume_hint(self.last_checkpoint)}"
-            )
+            # Raised in the main thread wherever it waits (Ray's waits turn a KeyboardInterrupt from a
+            # handler into their own); run() shuts the workers down and says what was kept.
+            self.interrupted = True
+            raise KeyboardInterrupt
         if self.stop_signal is None:
             self.stop_signal = name
             if signum == signal.SIGINT:
@@ -171,8 +177,6 @@ class Controller:
                 return self._finish(state)
         except WorkerFailed as err:
             return self._on_failure(state, err)
-        except Interrupted:
-            raise
         except FarmError as err:  # start-up failures, and errors a worker raised with their own message
             return self._on_error(state, err)
         raise AssertionError(f"no transition from {state}")
