@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from farm.config import FarmConfig, from_container
 from farm.errors import ConfigError, FarmError, Preempted, TopologyError
+from farm.yamlload import DuplicateKeyError, load_yaml
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -50,7 +51,9 @@ def available_topologies() -> list[str]:
 
 def _register_topology(path: Path, name: str) -> None:
     try:
-        node = yaml.safe_load(path.read_text())
+        node = load_yaml(path.read_text(), source=str(path))
+    except DuplicateKeyError as err:
+        node = {"_error": str(err)}
     except yaml.YAMLError as err:
         # Keep the name selectable so the user gets this message, not "not found".
         node = {"_error": f"{path}: not valid YAML: {err}"}
@@ -152,6 +155,25 @@ def run_cli(fn: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def check_conf_files(argv: list[str]) -> None:
+    """Refuse a key given twice in conf/ (or a --config-dir) with one line naming both, before Hydra
+    composes: OmegaConf refuses it too, but as a traceback."""
+    roots = [conf_dir()]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            roots.append(Path(argv[i + 1]))
+        elif arg.startswith("--config-dir="):
+            roots.append(Path(arg.split("=", 1)[1]))
+    for root in roots:
+        for path in sorted(root.rglob("*.yaml")):
+            try:
+                load_yaml(path.read_text(), source=str(path))
+            except DuplicateKeyError as err:
+                raise ConfigError(str(err)) from None
+            except (OSError, yaml.YAMLError):
+                continue  # Hydra reports what it cannot read when it composes
+
+
 def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
     """Wrap ``task(cfg)`` as a Hydra app whose FarmErrors print cleanly (--cfg, --info and -m work)."""
     import hydra
@@ -171,6 +193,7 @@ def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
     def main() -> None:
         try:
             sys.argv[1:] = topology_files(sys.argv[1:])
+            check_conf_files(sys.argv[1:])
         except FarmError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)

@@ -54,9 +54,14 @@ RecordConfig = Callable[[Path], None]
 def ensure_data(cfg: FarmConfig):  # type: ignore[no-untyped-def]
     """The data manifest, preparing the demo corpus first when it is missing and allowed."""
     from farm.data import load_manifest, prepare
+    from farm.data.prepare import prepare_command
 
     data = cfg.data
-    if not (Path(data.dir) / "manifest.json").exists() and data.prepare_if_missing:
+    if not (Path(data.dir) / "manifest.json").exists():
+        if not data.prepare_if_missing:
+            where = "does not exist" if not Path(data.dir).exists() else "has no manifest.json"
+            raise DataError(f"data dir {data.dir} {where}; create it with `{prepare_command(data)}`, or set "
+                            "data.prepare_if_missing=true to let farm.launch prepare it")
         print(f"preparing data into {data.dir} (source: {data.source}) ...", flush=True)
         prepare(data, progress=True)
     manifest = load_manifest(data.dir, verify=data.verify_checksums)

@@ -95,8 +95,10 @@ class RunDirLock:
                  "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "command": " ".join(sys.argv[1:])[:2000]}
         data = (json.dumps(lease) + "\n").encode()
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        # Write, then cut: on a full disk the write fails first and the old lease stays readable.
+        if os.pwrite(self._fd, data, 0) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        os.ftruncate(self._fd, len(data))
 
     def release(self, *, remove_dir: bool = False) -> None:
         """Drop the lock; ``remove_dir`` also removes a run directory this lock created, if still empty."""

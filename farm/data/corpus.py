@@ -53,8 +53,16 @@ def _read_text(path: Path, text_field: str) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 text (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "a .jsonl file holds one UTF-8 JSON object per line: is this a binary file, or text in "
+                    "another encoding? Convert it or leave it out of data.source"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import inspect
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -237,6 +238,18 @@ _OPTIONS = {  # CLI flag -> DataConfig field
 
 # Fields that carry no docstring in farm.config yet.
 _FALLBACK_HELP = {"rows_per_shard": "Rows per Arrow shard file."}
+
+
+def prepare_command(cfg: DataConfig) -> str:
+    """The command that prepares ``cfg.dir`` from ``cfg.source``: its source, and every other
+    option that differs from the default, so the advice in a message makes the data this config needs."""
+    defaults = DataConfig()
+    words = ["python -m farm.data.prepare"]
+    for flag, name in _OPTIONS.items():
+        value = getattr(cfg, name)
+        if name in ("source", "dir") or (value != getattr(defaults, name) and value is not None):
+            words += [flag, shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,17 @@ def test_int_accepted_for_float_and_auto_for_degrees() -> None:
         ({"train": {"precision": "fp8"}}, "train.precision='fp8'"),
         ({"tracking": {"mode": "loud"}}, "tracking.mode='loud'"),
         ({"model": {"mlp": "relu"}}, "model.mlp='relu'"),
+        ({"train": {"lr": -1.0, "min_lr": -1.0}}, "train.lr: must be positive, got -1.0"),
+        ({"train": {"min_lr": -1.0}}, "train.min_lr: must be >= 0, got -1.0"),
+        ({"train": {"min_lr": 0.1, "lr": 0.01}}, "train.min_lr=0.1 is above train.lr=0.01"),
+        ({"train": {"warmup_steps": -2}}, "train.warmup_steps: must be >= 0, got -2"),
+        ({"train": {"weight_decay": -0.1}}, "train.weight_decay: must be >= 0"),
+        ({"train": {"beta1": 1.0}}, "train.beta1: must be in [0, 1), got 1.0"),
+        ({"train": {"eps": 0.0}}, "train.eps: must be positive"),
+        ({"train": {"grad_clip": -1.0}}, "train.grad_clip: must be >= 0"),
+        ({"train": {"lr_decay_steps": 0}}, "train.lr_decay_steps: must be positive"),
+        ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number"),
+        ({"train": {"log_every": 0}}, "train.log_every: must be positive"),
     ],
 )
 def test_bad_fields_name_themselves(sections: dict, needle: str) -> None:
@@ -80,3 +91,24 @@ def test_run_dir_claim_accepts_same_and_refuses_changed(tmp_path) -> None:
     with pytest.raises(RunDirError, match="data"):
         rundir.claim(tmp_path, cfg, data_fingerprint="f2", tokenizer_sha256="t1")
     assert json.loads((tmp_path / rundir.IDENTITY_FILE).read_text()) == written
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path) -> None:
+    from farm._hydra import _register_topology, check_conf_files, compose_from_argv
+    from farm.errors import TopologyError
+    from farm.yamlload import DuplicateKeyError, load_yaml
+
+    with pytest.raises(DuplicateKeyError, match=r"x.yaml: key 'n' appears twice in one mapping, at line 2 and at line 4"):
+        load_yaml("pools:\n  - n: 1\n    m: 2\n    n: 3\n", source="x.yaml")
+    assert load_yaml("a: &b {x: 1}\nc:\n  <<: *b\n  y: 2\n") == {"a": {"x": 1}, "c": {"x": 1, "y": 2}}
+    topology = tmp_path / "twice.yaml"
+    topology.write_text("name: twice\nemulate: cpu\npools: []\nemulate: gpu\n")
+    _register_topology(topology, "test-twice")
+    with pytest.raises(TopologyError, match=r"twice.yaml: key 'emulate' appears twice in one mapping, at line 2 and at line 4"):
+        compose_from_argv(["+topology=test-twice"])
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "mine.yaml").write_text("name: mine\nn_layers: 2\nd_model: 64\nn_layers: 3\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: key 'n_layers' appears twice in one mapping, at line 2 and at line 4"):
+        check_conf_files(["--config-dir", str(tmp_path / "conf"), "model=mine"])
+    check_conf_files([])  # farm's own conf/ has none

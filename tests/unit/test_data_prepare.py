@@ -206,3 +206,21 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert load_manifest(tmp_path / "d").seq_len == 16
     assert main([*argv, "--no-progress"]) == 2
     assert "already holds a prepared dataset" in capsys.readouterr().err
+
+
+def test_binary_input_named_jsonl_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "blob.jsonl").write_bytes(b'{"text": "ok"}\n' + bytes([0x7B, 0xC8, 0x41]) * 1000)
+    cfg = DataConfig(dir=str(tmp_path / "out"), source=str(tmp_path / "in" / "*.jsonl"), vocab_size=300)
+    with pytest.raises(DataError, match=r"blob.jsonl:2: not UTF-8 text \(byte 0xc8 at column 2\)"):
+        prepare(cfg, progress=False)
+    assert main(["--source", cfg.source, "--out", cfg.dir, "--vocab-size", "300", "--no-progress"]) == 2
+
+
+def test_the_prepare_command_in_messages_names_the_configured_source() -> None:
+    from farm.data.prepare import prepare_command
+
+    assert prepare_command(DataConfig(dir="data/x")) == "python -m farm.data.prepare --source demo --out data/x"
+    custom = DataConfig(dir="data/c", source="corpus/*.jsonl", text_field="body", seq_len=256)
+    assert prepare_command(custom) == ("python -m farm.data.prepare --source 'corpus/*.jsonl' --out data/c "
+                                       "--text-field body --seq-len 256")
