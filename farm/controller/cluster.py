@@ -5,7 +5,7 @@ the farm's custom resources, so placement, node loss and re-planning run for rea
 a one-node farm is a plain local Ray instance; a multi-node farm is one raylet per node
 (``ray.cluster_utils.Cluster``). Ray's own console output is kept out of the user's terminal: what
 its driver-side listener prints about dead workers and raylets goes to the run directory's
-``logs/ray.log`` (:func:`ray_messages_to`).
+``logs/ray.log`` (:func:`route_ray_messages`).
 
 A private emulated cluster declares a node dead within about 1.5 s of its raylet's death
 (:data:`EMULATED_HEALTH_CHECK`) instead of Ray's 15-16.5 s; docs/runtime.md says what real clusters
@@ -14,11 +14,9 @@ should set.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ class RayHandle:
 
         if ray.is_initialized():
             ray.shutdown()
+        restore_ray_messages()
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None
@@ -137,19 +136,23 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
     return RayHandle(address=cluster.address, started=True, cluster=cluster)
 
 
-@contextlib.contextmanager
-def ray_messages_to(path: Path) -> Iterator[None]:
+_ray_printer: Any = None
+"""Ray's own printer while :func:`route_ray_messages` has replaced it."""
+
+
+def route_ray_messages(path: Path) -> None:
     """Send what Ray's driver prints about the cluster (dead workers, raylet log dumps, nodes marked
-    dead) to ``path`` instead of the console, while the block runs.
+    dead) to ``path`` instead of the console, until :meth:`RayHandle.close` shuts Ray down.
 
     Ray's error listener thread prints those messages through ``ray._private.worker.print_to_stdstream``
     and has no switch of its own (``log_to_driver=False`` covers only the workers' output). farm's own
     line about a failure then reaches the console alone, and the log keeps Ray's detail for a
-    post-mortem.
+    post-mortem. The messages about a failure keep coming for a few seconds after the controller has
+    stopped, hence "until Ray shuts down" rather than "while the controller runs".
     """
+    global _ray_printer
     import ray._private.worker as ray_worker
 
-    original = ray_worker.print_to_stdstream
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def to_file(data: dict[str, Any], ignore_prefix: bool = False) -> None:
@@ -159,8 +162,15 @@ def ray_messages_to(path: Path) -> Iterator[None]:
             for line in data.get("lines", []):
                 log.write(f"{stamp} ({source}) {line}\n")
 
+    if _ray_printer is None:
+        _ray_printer = ray_worker.print_to_stdstream
     ray_worker.print_to_stdstream = to_file
-    try:
-        yield
-    finally:
-        ray_worker.print_to_stdstream = original
+
+
+def restore_ray_messages() -> None:
+    global _ray_printer
+    if _ray_printer is not None:
+        import ray._private.worker as ray_worker
+
+        ray_worker.print_to_stdstream = _ray_printer
+        _ray_printer = None

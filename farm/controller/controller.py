@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
-from farm.controller.cluster import ray_messages_to
+from farm.controller.cluster import route_ray_messages
 from farm.controller.policy import AbortPolicy, FailureContext, FailurePolicy
 from farm.controller.saves import SaveHistory, ranks_text
 from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
@@ -130,10 +130,10 @@ class Controller:
         state: State = Starting(resume_path, resume_step)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+        route_ray_messages(self.p.run_dir / "logs" / "ray.log")
         try:
-            with ray_messages_to(self.p.run_dir / "logs" / "ray.log"):
-                while not isinstance(state, Finished | Failed):
-                    state = self._step(state)
+            while not isinstance(state, Finished | Failed):
+                state = self._step(state)
         except KeyboardInterrupt:
             if not self.interrupted:
                 raise
