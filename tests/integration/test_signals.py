@@ -1,8 +1,8 @@
 """Real signals to a real ``farm.launch``: SIGTERM and Ctrl-C checkpoint and stop with an exit code that
 says "unfinished"; a second Ctrl-C stops at once. No traceback in any case, and no step is lost.
 
-The launch runs in a session of its own and Ctrl-C is sent to its whole process group, as a
-terminal sends it: Ray's processes get it too.
+The launch runs in a session of its own. Ctrl-C goes to its whole process group, as a terminal sends
+it (Ray's processes get it too, and ignore it); SIGTERM to the driver, as a supervisor sends it.
 """
 
 from __future__ import annotations
@@ -46,13 +46,18 @@ def wait_steps(proc: subprocess.Popen[str], run_dir: Path, n: int) -> None:
         time.sleep(0.2)
 
 
-def stop(proc: subprocess.Popen[str], *signals: signal.Signals, gap_s: float = 0.5) -> tuple[str, float]:
-    """Send ``signals`` to the launch's process group; its stderr and seconds from the last signal to exit."""
+def stop(proc: subprocess.Popen[str], *signals: signal.Signals, group: bool = True,
+         gap_s: float = 0.5) -> tuple[str, float]:
+    """Send ``signals`` to the launch (its whole process group, as a terminal's Ctrl-C, or the driver
+    alone, as a supervisor's kill); its stderr and the seconds from the last signal to its exit."""
     try:
         for i, sig in enumerate(signals):
             if i:
                 time.sleep(gap_s)
-            os.killpg(proc.pid, sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(proc.pid, sig)
         sent = time.monotonic()
         _out, err = proc.communicate(timeout=120)
         return err, time.monotonic() - sent
@@ -83,7 +88,7 @@ def test_sigterm_then_ctrl_c_checkpoint_and_say_unfinished_and_twice_ctrl_c_stop
 
     proc = launch(run_dir, tiny_data, tmp_path)
     wait_steps(proc, run_dir, 2)
-    err, _ = stop(proc, signal.SIGTERM)
+    err, _ = stop(proc, signal.SIGTERM, group=False)
     assert proc.returncode == 143, err  # 128 + SIGTERM: a supervisor sees the run unfinished
     at_term = assert_stopped_with_checkpoint(run_dir, err, signal_name="SIGTERM")
     assert f"stopped by SIGTERM at step {at_term}; checkpoint step {at_term} written" in err
