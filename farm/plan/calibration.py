@@ -6,6 +6,7 @@ shipped topology of its hardware cut to the run's size, without the memory check
 
     python -m farm.plan.calibration            # the tables, MAE and bias, rank correlations
     python -m farm.plan.calibration --fit      # refit the constants on the calibration runs only
+    python -m farm.plan.calibration --choices  # the planner's own layouts beside the published ones
 """
 
 from __future__ import annotations
@@ -287,10 +288,33 @@ def fit(rounds: int = 40) -> np.ndarray:
     return x
 
 
+def choices(runs: Iterable[PublishedRun] = RUNS) -> str:
+    """What the planner picks, left to choose (runtime=megatron, the run's farm and batch), beside the
+    published layout of every 3D run: the model's view of what the run left on the table."""
+    from farm.config import ParallelConfig, TrainConfig
+    from farm.plan.search import make_plan
+
+    lines = ["| run | published layout | predicted | planner's choice | predicted |", "|---|---|---|---|---|"]
+    for run in runs:
+        if run.tp * run.pp == 1 or run.sweep:
+            continue
+        cost = CostParams(flash_attention=run.flash_attention)
+        train = TrainConfig(global_batch=run.global_batch, micro_batch=max(4, run.micro_batch))
+        plan = make_plan(model=run.model, train=train, parallel=ParallelConfig(runtime="megatron"),
+                         farm=run_farm(run), cost=cost)  # fmt: skip
+        mine = f"TP{plan.tp} PP{plan.pp} DP{plan.dp} b={plan.micro_batch} v={plan.virtual_stages} {plan.recompute}"
+        lines.append(f"| {run.name} | {_layout(run)} | {predict(run)['mfu']:.1%} | {mine} | {plan.mfu:.1%} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="refit the constants on the calibration runs")
+    parser.add_argument("--choices", action="store_true", help="the planner's own layouts for the 3D runs")
     args = parser.parse_args()
+    if args.choices:
+        print(choices())
+        return
     if args.fit:
         x = fit()
         for name, value in zip(FITTED, x):
