@@ -53,3 +53,18 @@ def test_summary_and_rank_correlation() -> None:
 
 def test_the_documented_tables_are_current() -> None:
     assert report(table()) in DOC.read_text()
+
+
+def test_the_emulated_farms_share_one_fitted_per_core_rate_and_the_documented_table_is_current() -> None:
+    import yaml
+
+    from farm.plan.selfcheck import markdown, per_core_peak, predict
+
+    local, farm6 = (
+        yaml.safe_load((DOC.parents[1] / "topologies" / f"{n}.yaml").read_text())
+        for n in ("local", "local-farm")
+    )
+    assert per_core_peak(local) == pytest.approx(per_core_peak(farm6), rel=1e-3)
+    rows = predict()
+    assert len(rows) == 7 and all(r["predicted_s"] > 0 for r in rows)
+    assert markdown(rows) in (DOC.parent / "planner.md").read_text()
