@@ -81,10 +81,10 @@ class DevicePerformance:
 
 PERFORMANCE: dict[str, DevicePerformance] = {
     # A100 SXM4: 2,039 GB/s HBM2e (80 GB), 1,555 GB/s (40 GB), NVIDIA A100 datasheet.
-    "A100-SXM4-80GB": DevicePerformance(2039e9, 0.819, 128, 0.259),
-    "A100-SXM4-40GB": DevicePerformance(1555e9, 0.819, 128, 0.259),
+    "A100-SXM4-80GB": DevicePerformance(2039e9, 0.805, 128, 0.271),
+    "A100-SXM4-40GB": DevicePerformance(1555e9, 0.805, 128, 0.271),
     # H100 SXM5: 3.35 TB/s HBM3, NVIDIA H100 datasheet. Peak grew 3.2x over A100, memory 1.6x.
-    "H100-SXM5-80GB": DevicePerformance(3350e9, 0.703, 256, 0.171),
+    "H100-SXM5-80GB": DevicePerformance(3350e9, 0.697, 256, 0.172),
     # No calibration runs for these two: the A100 ceilings are assumed. Ascend 910B: 1.6 TB/s HBM2e
     # (published figures); Gaudi 2: 2.45 TB/s HBM2e (Habana Gaudi2 white paper).
     "Ascend-910B": DevicePerformance(1600e9, 0.80, 128, 0.50),

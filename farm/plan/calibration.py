@@ -27,6 +27,7 @@ from farm.config import ModelConfig
 from farm.plan.costmodel import CostParams
 from farm.plan.evaluate import Layout, Model, evaluate, segments_of
 from farm.plan.placement import uniform_split
+from farm.plan.runtimes import RUNTIMES
 from farm.plan.search import resolve_precision
 from farm.plan.shape import ModelShape
 from farm.topology import PERFORMANCE, Farm, load_farm
@@ -63,6 +64,8 @@ class PublishedRun:
     published: float
     split: str
     sweep: str | None = None
+    runtime: str = "megatron"
+    """The stack that ran it (farm/plan/runtimes.py): its fixed per-micro-batch cost applies."""
     topology_overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
@@ -132,10 +135,16 @@ def run_farm(run: PublishedRun, perf: dict[str, dict[str, float]] | None = None)
 
 
 def predict(
-    run: PublishedRun, cost: CostParams | None = None, perf: dict[str, dict[str, float]] | None = None
+    run: PublishedRun,
+    cost: CostParams | None = None,
+    perf: dict[str, dict[str, float]] | None = None,
+    stack: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Predicted step time, MFU and step parts of a published run in its published layout."""
-    cost = dataclasses.replace(cost or CostParams(), flash_attention=run.flash_attention)
+    overhead = (stack or {}).get(run.runtime, RUNTIMES[run.runtime].microbatch_overhead_s)
+    cost = dataclasses.replace(
+        cost or CostParams(), flash_attention=run.flash_attention, microbatch_overhead_s=overhead
+    )
     farm = run_farm(run, perf)
     shape = run.shape
     mdl = Model(shape, resolve_precision("bf16", farm), cost, run.global_batch)
@@ -240,25 +249,25 @@ def report(rows: list[dict[str, Any]]) -> str:
 # --- fitting (calibration split only) --------------------------------------------------------------
 
 FITTED = ("A100 gemm_efficiency", "A100 attention_efficiency", "H100 gemm_efficiency",
-          "H100 attention_efficiency", "layer_overhead_s", "overlap_slowdown", "token_knee")  # fmt: skip
+          "H100 attention_efficiency", "layer_overhead_s", "overlap_slowdown", "token_knee",
+          "megatron-deepspeed microbatch_overhead_s")  # fmt: skip
 _MODELS = {"A100": ("A100-SXM4-80GB", "A100-SXM4-40GB"), "H100": ("H100-SXM5-80GB",)}
 
 
-def _params(x: np.ndarray) -> tuple[CostParams, dict[str, dict[str, float]]]:
+def _params(x: np.ndarray) -> dict[str, Any]:
     perf: dict[str, dict[str, float]] = {}
     for i, acc in enumerate(("A100", "H100")):
         for model in _MODELS[acc]:
             perf[model] = {"gemm_efficiency": float(x[2 * i]), "attention_efficiency": float(x[2 * i + 1])}
-    return CostParams(
-        layer_overhead_s=float(x[4]), overlap_slowdown=float(x[5]), token_knee=float(x[6])
-    ), perf
+    cost = CostParams(layer_overhead_s=float(x[4]), overlap_slowdown=float(x[5]), token_knee=float(x[6]))
+    return {"cost": cost, "perf": perf, "stack": {"megatron-deepspeed": float(x[7])}}
 
 
 def current() -> np.ndarray:
-    a, h = PERFORMANCE["A100-SXM4-80GB"], PERFORMANCE["H100-SXM5-80GB"]
+    a, h, c = PERFORMANCE["A100-SXM4-80GB"], PERFORMANCE["H100-SXM5-80GB"], CostParams()
     return np.array([a.gemm_efficiency, a.attention_efficiency, h.gemm_efficiency, h.attention_efficiency,
-                     CostParams().layer_overhead_s, CostParams().overlap_slowdown,
-                     CostParams().token_knee])  # fmt: skip
+                     c.layer_overhead_s, c.overlap_slowdown, c.token_knee,
+                     RUNTIMES["megatron-deepspeed"].microbatch_overhead_s])  # fmt: skip
 
 
 def fit(rounds: int = 40) -> np.ndarray:
@@ -267,11 +276,12 @@ def fit(rounds: int = 40) -> np.ndarray:
     calib = [r for r in RUNS if r.split == "calibration"]
 
     def loss(x: np.ndarray) -> float:
-        cost, perf = _params(x)
-        return float(sum((predict(r, cost, perf)["mfu"] - r.published_mfu) ** 2 for r in calib))
+        kw = _params(x)
+        return float(sum((predict(r, **kw)["mfu"] - r.published_mfu) ** 2 for r in calib))
 
-    lo, hi = np.array([0.3, 0.1, 0.3, 0.1, 0.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0, 5e-3, 1.0, 8192])
-    x, step = current(), np.array([0.05, 0.05, 0.05, 0.05, 1e-4, 0.1, 256])
+    lo = np.array([0.3, 0.1, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0])
+    hi = np.array([1.0, 1.0, 1.0, 1.0, 5e-3, 1.0, 8192, 0.5])
+    x, step = current(), np.array([0.05, 0.05, 0.05, 0.05, 1e-4, 0.1, 256, 0.01])
     best = loss(x)
     for _ in range(rounds):
         moved = False
@@ -319,8 +329,7 @@ def main() -> None:
         x = fit()
         for name, value in zip(FITTED, x):
             print(f"{name} = {value:.4g}")
-        cost, perf = _params(x)
-        print(report(table(cost=cost, perf=perf)))
+        print(report(table(**_params(x))))
         return
     print(report(table()))
 

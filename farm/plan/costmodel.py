@@ -27,9 +27,12 @@ class CostParams:
     """Assumptions of the model that are not properties of one accelerator (those live in
     farm.topology.PERFORMANCE). docs/calibration.md says which are fitted and which are assumed."""
 
-    layer_overhead_s: float = 2.95e-4
+    layer_overhead_s: float = 1.78e-4
     """Fixed seconds per block and micro-batch (forward and backward): kernel launches, synchronisation
     and the runtime's per-micro-batch bookkeeping. Fitted (docs/calibration.md)."""
+    microbatch_overhead_s: float = 0.0
+    """Fixed seconds per micro-batch and pipeline stage that a runtime adds (its pipeline engine's
+    scheduling and point-to-point set-up); set from the runtime (farm/plan/runtimes.py)."""
     token_knee: float = 0.0
     """Extra half-saturation point of the token (micro-batch) dimension of block GEMMs. Fitted."""
     hbm_efficiency: float = 0.7
@@ -46,7 +49,7 @@ class CostParams:
     """Fraction of the backward pass that hides data-parallel gradient traffic (bucketed reduction as
     backward proceeds): the last micro-batch's for ZeRO 0/1, every micro-batch's for ZeRO-2; ZeRO-3
     hides its gathers behind the same fraction of each micro-batch's forward and backward."""
-    overlap_slowdown: float = 0.63
+    overlap_slowdown: float = 0.61
     """Fraction of the communication hidden behind compute that still delays it (collective kernels
     take SMs and memory bandwidth from the GEMMs). Fitted (docs/calibration.md)."""
     fragmentation: float = 0.10
@@ -301,7 +304,7 @@ def stage_times(
     act = tokens * h * a
     tp = n * (4 + 2 * (c == 1)) * ring_allreduce(act, t, hw.intra_bw, hw.intra_lat)
     return {
-        "compute": n * block + last * head,
+        "compute": n * block + last * head + cost.microbatch_overhead_s,
         "recompute": n * recompute,
         "tp": np.where(t > 1, tp, 0.0),
     }

@@ -20,6 +20,8 @@ class Runtime:
     """Highest ZeRO stage it runs without pipeline parallelism."""
     max_zero_with_pp: int
     """Highest ZeRO stage it runs with pipeline parallelism."""
+    microbatch_overhead_s: float = 0.0
+    """Fixed seconds it adds per micro-batch and pipeline stage (CostParams.microbatch_overhead_s)."""
 
     def zero_stages(self, *, pipelined: bool) -> list[int]:
         return list(range((self.max_zero_with_pp if pipelined else self.max_zero) + 1))
@@ -34,6 +36,14 @@ RUNTIMES: dict[str, Runtime] = {
     # distributed optimizer shards like ZeRO-1; fully sharded data parallelism without pipelining.
     "megatron": Runtime("megatron", interleaving=True, sequence_parallel=True, selective_recompute=True,
                         max_zero=3, max_zero_with_pp=1),
+    # PyTorch FSDP (llm-foundry's MPT runs): fully sharded data parallelism, no tensor or pipeline stages.
+    "fsdp": Runtime("fsdp", interleaving=False, sequence_parallel=False, selective_recompute=False,
+                    max_zero=3, max_zero_with_pp=1),
+    # Megatron-DeepSpeed (BigScience's BLOOM stack): DeepSpeed's pipeline engine with ZeRO-1; its fixed
+    # cost per micro-batch and stage is fitted on a measured micro-batch sweep (docs/calibration.md).
+    "megatron-deepspeed": Runtime("megatron-deepspeed", interleaving=False, sequence_parallel=False,
+                                  selective_recompute=False, max_zero=3, max_zero_with_pp=1,
+                                  microbatch_overhead_s=0.0877),
 }  # fmt: skip
 
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)

@@ -218,10 +218,12 @@ def search(
     """The ``top_k`` fastest layouts that fit, best first. Raises PlanError saying what would fit."""
     from farm.plan.explain import check_request, explain_no_fit
 
-    cost = cost or cm.CostParams()
+    req = Request.of(model=model, train=train, parallel=parallel)
+    cost = dataclasses.replace(
+        cost or cm.CostParams(), microbatch_overhead_s=req.runtime.microbatch_overhead_s
+    )
     shape = ModelShape.from_config(model, vocab_size=vocab_size)
     mdl = Model(shape, resolve_precision(train.precision, farm), cost, train.global_batch)
-    req = Request.of(model=model, train=train, parallel=parallel)
     groups = segments_of(farm, cost)
     check_request(mdl, req, farm, groups)
     cands = best_candidates(mdl, req, groups, top_k)
