@@ -138,6 +138,8 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
 
 _ray_printer: Any = None
 """Ray's own printer while :func:`route_ray_messages` has replaced it."""
+_ray_handlers: list[logging.Handler] | None = None
+"""The handlers of Ray's logger while :func:`route_ray_messages` has replaced them."""
 
 
 def route_ray_messages(path: Path) -> None:
@@ -145,12 +147,14 @@ def route_ray_messages(path: Path) -> None:
     dead) to ``path`` instead of the console, until :meth:`RayHandle.close` shuts Ray down.
 
     Ray's error listener thread prints those messages through ``ray._private.worker.print_to_stdstream``
-    and has no switch of its own (``log_to_driver=False`` covers only the workers' output). farm's own
+    and has no switch of its own (``log_to_driver=False`` covers only the workers' output); the
+    ``ray`` logger (errors of calls nobody waited for: the collateral failures of a worker's peers)
+    writes to the same file. farm's own
     line about a failure then reaches the console alone, and the log keeps Ray's detail for a
     post-mortem. The messages about a failure keep coming for a few seconds after the controller has
     stopped, hence "until Ray shuts down" rather than "while the controller runs".
     """
-    global _ray_printer
+    global _ray_printer, _ray_handlers
     import ray._private.worker as ray_worker
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,12 +169,24 @@ def route_ray_messages(path: Path) -> None:
     if _ray_printer is None:
         _ray_printer = ray_worker.print_to_stdstream
     ray_worker.print_to_stdstream = to_file
+    ray_logger = logging.getLogger("ray")
+    if _ray_handlers is None:
+        _ray_handlers = list(ray_logger.handlers)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s (%(name)s) %(levelname)s %(message)s"))
+    ray_logger.handlers = [handler]
 
 
 def restore_ray_messages() -> None:
-    global _ray_printer
+    global _ray_printer, _ray_handlers
     if _ray_printer is not None:
         import ray._private.worker as ray_worker
 
         ray_worker.print_to_stdstream = _ray_printer
         _ray_printer = None
+    if _ray_handlers is not None:
+        ray_logger = logging.getLogger("ray")
+        for handler in ray_logger.handlers:
+            handler.close()
+        ray_logger.handlers = _ray_handlers
+        _ray_handlers = None

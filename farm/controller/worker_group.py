@@ -175,8 +175,7 @@ class WorkerGroup:
                     try:
                         ray.get(ref)
                     except RayActorError as err:
-                        return WorkerFault(rank=refs[ref], node=self.node_of[refs[ref]], kind="died",
-                                           detail=_first_line(err))
+                        return self._death(refs[ref], err)
                     except Exception:  # another collateral failure; keep looking
                         continue
             else:
@@ -192,6 +191,8 @@ class WorkerGroup:
         detail = _first_line(err)
         if "node has died" in str(err) or "node was terminated" in str(err):
             return WorkerFault(rank=rank, node=node, kind="node_lost", detail=detail)
+        if "worker process has died" in str(err):  # its raylet saw the process go: the node is up
+            return WorkerFault(rank=rank, node=node, kind="died", detail=detail)
         node_id = self.infos[rank]["node_id"] if rank < len(getattr(self, "infos", [])) else None
         deadline = time.monotonic() + NODE_DEATH_WAIT_S
         while node_id is not None:
@@ -220,8 +221,13 @@ class WorkerGroup:
 
 
 def _first_line(err: BaseException) -> str:
+    """The line of a Ray error that says why: Ray's cause ("...because its node has died") rather than
+    its generic first line, when it gives one."""
     text = str(err).strip().splitlines()
-    for line in text:
-        if "died" in line.lower() or "lost" in line.lower() or "exit" in line.lower():
-            return line.strip()[:300]
+    telling = [line.strip() for line in text
+               if any(word in line.lower() for word in ("died", "lost", "exit", "dead"))]
+    causes = [line for line in telling if "died unexpectedly before finishing" not in line]
+    chosen = causes or telling
+    if chosen:  # its first sentence: the rest (exit type, common causes) is in logs/ray.log
+        return chosen[0].split(". ")[0].rstrip(".")[:300]
     return text[0][:300] if text else type(err).__name__
