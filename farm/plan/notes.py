@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from farm.config import ModelConfig
-from farm.plan.costmodel import RECOMPUTE
 from farm.plan.evaluate import Layout, Model, evaluate
 from farm.topology import Farm
+
+if TYPE_CHECKING:  # search imports this module when it builds a plan
+    from farm.plan.search import Request
 
 LOW_MFU = 0.10
 """Below this estimated MFU a plan is flagged (accelerator farms only)."""
@@ -60,10 +64,7 @@ def plan_notes(
     return tuple(notes)
 
 
-def _idle_devices(mdl: Model, req: object, farm: Farm, lay: Layout, world: int) -> list[str]:
-    from farm.plan.search import Request
-
-    assert isinstance(req, Request)
+def _idle_devices(mdl: Model, req: Request, farm: Farm, lay: Layout, world: int) -> list[str]:
     if world >= farm.num_devices:
         return []
     idle = farm.num_devices - world
@@ -87,10 +88,7 @@ def _idle_devices(mdl: Model, req: object, farm: Farm, lay: Layout, world: int) 
     ]
 
 
-def _unsupported(req: object, lay: Layout) -> list[str]:
-    from farm.plan.search import Request
-
-    assert isinstance(req, Request)
+def _unsupported(req: Request, lay: Layout) -> list[str]:
     rt = req.runtime
     missing = []
     if lay.virtual_stages > 1 and not rt.interleaving:
@@ -107,6 +105,3 @@ def _unsupported(req: object, lay: Layout) -> list[str]:
         f"warning: runtime {rt.name!r} does not run {', '.join(missing)}; the estimate is for a runtime that "
         "does (parallel.runtime=megatron), and farm.launch will not reach it"
     ]
-
-
-__all__ = ["RECOMPUTE", "plan_notes"]

@@ -292,7 +292,7 @@ def build_plan(mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: La
         mfu=mfu,
         comm_share=est["comm_time_s"] / step,
         bubble=est["bubble"],
-        notes=plan_notes(mdl, req, farm, model, lay, world=len(ranks), mfu=mfu, bubble=est["bubble"]),
+        notes=plan_notes(mdl, req, farm, model, lay, world=len(ranks), mfu=mfu),
         farm=farm.name,
         precision=mdl.prec.name,
         virtual_stages=lay.virtual_stages,
