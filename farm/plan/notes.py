@@ -26,19 +26,8 @@ _FIXES = {
 
 
 def plan_notes(
-    mdl: Model,
-    req: object,
-    farm: Farm,
-    model: ModelConfig,
-    lay: Layout,
-    *,
-    world: int,
-    mfu: float,
-    bubble: float,
+    mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: Layout, *, world: int, mfu: float
 ) -> tuple[str, ...]:
-    from farm.plan.search import Request
-
-    assert isinstance(req, Request)
     notes = _idle_devices(mdl, req, farm, lay, world)
     if lay.ckpt == 1 and req.ckpt is None:
         notes.append("full activation recomputation turned on: the layout does not fit memory without it")
