@@ -47,6 +47,7 @@ def row(plan: Plan) -> dict[str, Any]:
         "comm_share": plan.comm_share,
         "bubble": plan.bubble,
         "memory_total_bytes": plan.memory["total"],
+        "breakdown": dict(plan.breakdown),
     }
 
 
