@@ -4,7 +4,7 @@ The Hydra entry point: compose -> typed config -> farm -> data -> plan -> contro
 same command again continues from the newest valid checkpoint in run.dir, into whatever layout the
 new command asks for.
 
-A launch has two halves. ``prepare`` only reads: it takes the run directory's lock (one writer per
+A launch has two halves. ``check_launch`` only reads: it takes the run directory's lock (one writer per
 run directory), checks the config against the directory's identity, plans, and chooses the
 checkpoint to resume from, comparing its identity with the run's. Only when all of that passed is
 the launch accepted and the first byte written into the run directory (lease, farm.json, .hydra/,
@@ -127,7 +127,7 @@ def checkpoint_identity(cfg: FarmConfig, *, vocab: int, tokenizer_hash: str, dat
 
 @dataclass(frozen=True)
 class Launch:
-    """Everything a launch found before writing anything: the outcome of ``prepare``."""
+    """Everything a launch found before writing anything: the outcome of ``check_launch``."""
 
     cfg: FarmConfig
     run_dir: Path
@@ -148,7 +148,7 @@ class Launch:
                 "resumed_from": resumed_from}
 
 
-def prepare(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -> Launch:
+def check_launch(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -> Launch:
     """All the checks of a launch; reads the run directory, writes nothing into it."""
     from farm.checkpoint import CheckpointStore
 
@@ -193,7 +193,7 @@ def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None,
     lock = RunDirLock(run_dir).acquire()
     accepted = False
     try:
-        launch = prepare(cfg, run_dir=run_dir, topology_file=topology_file)
+        launch = check_launch(cfg, run_dir=run_dir, topology_file=topology_file)
         if launch.choice.step >= cfg.train.steps:
             print(f"run {run_dir} is already at step {launch.choice.step} >= train.steps={cfg.train.steps}; "
                   "nothing to do")
