@@ -1,10 +1,11 @@
 """``python -m farm.plan +topology=NAME|PATH.yaml model=NAME [plan.output=table|json] [plan.top=N]
-[plan.explain=true | --explain]``
+[plan.explain=true | --explain] [plan.check_memory=false]``
 
 Prints the chosen layout and the next best few, with the memory breakdown per device and the
 estimated step time and MFU, without starting anything. ``--explain`` puts the best layout beside the
-runner-up, part by part of the step time. Impossible requests exit with status 2 and a message that
-names the smallest change that would fit.
+runner-up, part by part of the step time; ``plan.check_memory=false`` estimates layouts the memory
+model rejects (what-if planning of a published layout). Impossible requests exit with status 2 and a
+message that names the smallest change that would fit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from farm.plan.render import explain, print_table, to_json
 from farm.plan.search import search
 from farm.plan.shape import ModelShape
 
-CLI_DEFAULTS: dict[str, Any] = {"output": "table", "top": 5, "explain": False}
+CLI_DEFAULTS: dict[str, Any] = {"output": "table", "top": 5, "explain": False, "check_memory": True}
 
 
 def run(argv: list[str]) -> int:
@@ -37,12 +38,16 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"plan.output={output!r}: use table or json")
     if not isinstance(top, int) or top < 1:
         raise ConfigError(f"plan.top={top!r}: use a positive integer")
-    if not isinstance(why, bool):
-        raise ConfigError(f"plan.explain={why!r}: use true or false")
+    check = options.get("check_memory", True)
+    for name, value in (("explain", why), ("check_memory", check)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"plan.{name}={value!r}: use true or false")
     if why:
         top = max(top, 2)
     farm = load_farm(cfg.topology, source=raw.get("topology_file") or "topology")
-    plans = search(model=cfg.model, train=cfg.train, parallel=cfg.parallel, farm=farm, top_k=top)
+    plans = search(
+        model=cfg.model, train=cfg.train, parallel=cfg.parallel, farm=farm, top_k=top, check_memory=check
+    )
     if output == "json":
         json.dump(to_json(plans), sys.stdout)
         sys.stdout.write("\n")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from farm.config import ModelConfig
 from farm.plan.evaluate import Layout, Model, evaluate
-from farm.topology import Farm
+from farm.topology import Farm, GiB
 
 if TYPE_CHECKING:  # search imports this module when it builds a plan
     from farm.plan.search import Request
@@ -29,6 +29,13 @@ def plan_notes(
     mdl: Model, req: Request, farm: Farm, model: ModelConfig, lay: Layout, *, world: int, mfu: float
 ) -> tuple[str, ...]:
     notes = _idle_devices(mdl, req, farm, lay, world)
+    mem = evaluate(mdl, lay)["memory"]
+    if mem["total"] > mem["capacity"]:
+        notes.append(
+            f"warning: the memory model puts this layout at {mem['total'] / GiB:.1f} GiB per device, over the "
+            f"{mem['capacity'] / GiB:.1f} GiB there are (estimated anyway: plan.check_memory=false); "
+            "farm.launch would refuse it"
+        )
     if lay.ckpt == 1 and req.ckpt is None:
         notes.append("full activation recomputation turned on: the layout does not fit memory without it")
     if farm.emulate != "cpu" and mfu < LOW_MFU:

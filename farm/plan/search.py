@@ -186,7 +186,7 @@ def mixed_candidates(mdl: Model, req: Request, segs: list[Segment]) -> list[Cand
                     for c in cs:
                         lay = Layout(tuple(zip(segs, stages)), t, d, b, z, c, split, 1, sp)
                         est = evaluate(mdl, lay)
-                        if est["memory"]["total"] <= est["memory"]["capacity"]:
+                        if est["memory"]["total"] <= est["memory"]["capacity"] or not mdl.check_memory:
                             out.append(Candidate(est["step_time_s"], lay))
     return out
 
@@ -214,8 +214,10 @@ def search(
     top_k: int = 5,
     vocab_size: int | None = None,
     cost: cm.CostParams | None = None,
+    check_memory: bool = True,
 ) -> list[Plan]:
-    """The ``top_k`` fastest layouts that fit, best first. Raises PlanError saying what would fit."""
+    """The ``top_k`` fastest layouts that fit, best first. Raises PlanError saying what would fit.
+    ``check_memory=False`` also estimates layouts the memory model rejects (their notes warn)."""
     from farm.plan.explain import check_request, explain_no_fit
 
     req = Request.of(model=model, train=train, parallel=parallel)
@@ -223,7 +225,7 @@ def search(
         cost or cm.CostParams(), microbatch_overhead_s=req.runtime.microbatch_overhead_s
     )
     shape = ModelShape.from_config(model, vocab_size=vocab_size)
-    mdl = Model(shape, resolve_precision(train.precision, farm), cost, train.global_batch)
+    mdl = Model(shape, resolve_precision(train.precision, farm), cost, train.global_batch, check_memory)
     groups = segments_of(farm, cost)
     check_request(mdl, req, farm, groups)
     cands = best_candidates(mdl, req, groups, top_k)

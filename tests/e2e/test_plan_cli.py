@@ -107,3 +107,22 @@ def test_over_capacity_advice_names_valid_degrees(tmp_path: Path) -> None:
                    "train.global_batch=1024", cwd=tmp_path)  # fmt: skip
     assert out.returncode == 2
     assert "lower parallel.dp to 64 or parallel.tp to 4" in out.stderr and "tp to 7" not in out.stderr
+
+
+def test_a_published_layout_forced_through_the_cli_gives_the_calibration_figure(tmp_path: Path) -> None:
+    """Llama 3 405B on 16,384 H100 as table 4 of its paper runs it; the memory model rejects it (it is
+    stricter than Meta's runtime), so plan.check_memory=false estimates it anyway and says so."""
+    from farm.plan.calibration import RUNS, predict
+
+    layout = ["parallel.tp=8", "parallel.pp=16", "parallel.dp=128", "parallel.micro_batch=1",
+              "parallel.virtual_stages=4", "parallel.sequence_parallel=true", "parallel.zero_stage=1",
+              "parallel.recompute=none"]  # fmt: skip
+    out = plan_cli("+topology=sim-16k", "model=llama3-405b", *layout, cwd=tmp_path)
+    assert out.returncode == 2 and "does not fit in device memory" in out.stderr
+    out = plan_cli("+topology=sim-16k", "model=llama3-405b", *layout, "plan.check_memory=false",
+                   "plan.output=json", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    plan = Plan.from_json(json.loads(out.stdout)["plan"])
+    run = next(r for r in RUNS if r.name == "Llama 3 405B 16384 H100")
+    assert plan.mfu == pytest.approx(predict(run)["mfu"], rel=1e-9)
+    assert any("memory model puts this layout at" in n for n in plan.notes)
