@@ -271,7 +271,7 @@ class Controller:
         """Training past the save limits would be work nobody can resume: stop, naming the last valid step."""
         error = CheckpointError(
             f"{why}: training stopped at step {step}; the newest valid checkpoint is "
-            f"{_step_text(self.last_checkpoint)}. Last error: {self.saves.last_error}. Fix the storage under "
+            f"{_step_text(self.last_checkpoint)}. First error: {self.saves.first_error}. Fix the storage under "
             f"{self.p.run_dir / 'checkpoints'} and {_resume_hint(self.last_checkpoint)}"
         )
         self.tracker.event("failure", step=step, rank=None, node=None, fault="checkpoints_failing", detail=why)

@@ -103,6 +103,11 @@ class SaveHistory:
     def last_error(self) -> str | None:
         return self.failed_in_a_row[-1].detail if self.failed_in_a_row else None
 
+    @property
+    def first_error(self) -> str | None:
+        """The cause of the first failed save in a row: the later ones often fail from what it left."""
+        return self.failed_in_a_row[0].detail if self.failed_in_a_row else None
+
     def over_limit(self, *, now: float) -> str | None:
         """Why training must stop now, or None. Only a failed save since the newest valid one counts:
         a run whose saves succeed is never stopped for the time between them."""

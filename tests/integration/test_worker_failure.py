@@ -35,7 +35,11 @@ def test_killed_worker_stops_the_run_with_a_clear_error(tiny_data: Path, tmp_pat
     )
     try:
         metrics = run_dir / "metrics.jsonl"
-        wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 180, "4 steps")
+        try:
+            wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 4, 180, "4 steps")
+        except AssertionError:
+            proc.kill()
+            raise AssertionError(f"no 4 steps; the launch said:\n{proc.communicate()[1][-3000:]}") from None
         events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
         pid = next(e for e in events if e["event"] == "workers")["pids"][1]
         os.kill(pid, signal.SIGKILL)
