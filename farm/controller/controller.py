@@ -215,9 +215,9 @@ class Controller:
         step = self.step = int(report["step"])
         if self.saving:
             self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
-            stop = self.saves.over_limit(now=time.monotonic())
-            if stop is not None:
-                return self._stop_unsaved(step, stop)
+        stop = self.saves.over_limit(now=time.monotonic())  # None at once while saves succeed
+        if stop is not None:
+            return self._stop_unsaved(step, stop)
         if self.should_checkpoint(step):
             self._save(step)
         return Training(step=step)
