@@ -150,10 +150,8 @@ def test_a_resume_that_fails_on_load_loses_no_metrics_line(trained: Path, tiny_d
     assert len(skipped) == 2 and "step-00000004" in skipped[0] and "step-00000002" in skipped[1]
     corrupt = run_dir / "checkpoints" / "corrupt"
     assert sorted(p.name for p in corrupt.iterdir()) == ["step-00000002", "step-00000004"]
-    fresh = launch(run_dir, tiny_data, "train.steps=3", "checkpoint.allow_fresh_start=true")
-    assert fresh.returncode == 0, fresh.stderr
-    assert steps(run_dir) == [1, 2, 3]
-    assert (run_dir / "metrics.jsonl").stat().st_mode & 0o777 == 0o640, "the rewritten file keeps its mode"
+    assert (run_dir / "metrics.jsonl").stat().st_mode & 0o777 == 0o640
+    # (A resume that succeeds cuts the file back and keeps its mode: tests/unit/test_tracking.py.)
 
 
 def small_run_dir(trained: Path, disk: Path) -> Path:
@@ -201,13 +199,9 @@ def test_a_read_only_run_dir_or_a_file_is_one_line(trained: Path, tiny_data: Pat
     assert "is a file, not a directory" in result.stderr
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    (("train.lr=-1", "train.min_lr=-1"), "train.lr: must be positive, got -1.0"),
-    (("train.min_lr=-1",), "train.min_lr: must be >= 0, got -1.0"),
-    (("train.beta2=1.5",), "train.beta2: must be in [0, 1), got 1.5"),
-])
-def test_bad_training_fields_are_named_before_anything_starts(tiny_data: Path, tmp_path: Path,
-                                                              override: tuple[str, ...], needle: str) -> None:
-    result = launch(tmp_path / "run", tiny_data, *override, timeout=120)
-    assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+def test_bad_training_fields_are_named_before_anything_starts(tiny_data: Path, tmp_path: Path) -> None:
+    # Each field's own check is in tests/unit/test_config.py; here, that the launch stops before Ray.
+    result = launch(tmp_path / "run", tiny_data, "train.lr=-1", "train.min_lr=-1", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.lr: must be positive, got -1.0" in result.stderr
     assert not (tmp_path / "run").exists()
