@@ -20,34 +20,36 @@ from farm.topology import Farm, Node
 
 
 class FarmState:
-    def __init__(self, universe: Farm, *, hot: dict[str, int] | None = None) -> None:
+    def __init__(self, universe: Farm, *, hot: dict[str, int] | None = None, reserve_in_view: bool = True) -> None:
         """``universe``: the farm with every node the run may use; of each pool's spares the first
-        ``hot[pool]`` are hot, the rest are the cluster's cold reserve."""
+        ``hot[pool]`` are hot, the rest are the cluster's cold reserve. ``reserve_in_view=False``: the
+        reserve belongs to the cluster, which hands its nodes over (on_rejoin), and is not among the
+        spares the policy sees."""
         self.universe = universe
         self.by_id = {n.id: n for n in (*universe.nodes, *universe.spares)}
         self.order = {n.id: i for i, n in enumerate((*universe.nodes, *universe.spares))}
         self.svc = [n.id for n in universe.nodes]
         self.pos = {nid: i for i, nid in enumerate(self.svc)}
         self.n_full = len(self.svc)
-        self.hot: list[str] = []
-        self.cold: list[str] = []
+        self.hot: list[Node] = []
+        self.cold: list[Node] = []
         per_pool: Counter[str] = Counter()
         for n in universe.spares:
-            (self.hot if per_pool[n.pool] < (hot or {}).get(n.pool, 0) else self.cold).append(n.id)
+            (self.hot if per_pool[n.pool] < (hot or {}).get(n.pool, 0) else self.cold).append(n)
             per_pool[n.pool] += 1
+        self.free = {n.id for n in universe.spares}
+        self.reserve_in_view = reserve_in_view
         self.hot_target = len(self.hot)
         self.counts: Counter[str] = Counter(self.by_id[n].pool for n in self.svc)
         self.pools = tuple(p.name for p in universe.pools)
         self.full_shape = self.shape()
         self.dpn = universe.pools[0].devices_per_node
-        self._spares: tuple[Node, ...] | None = None
 
     def copy(self) -> FarmState:
         new = object.__new__(FarmState)
         new.__dict__.update(self.__dict__)
         new.svc, new.pos, new.hot, new.cold = list(self.svc), dict(self.pos), list(self.hot), list(self.cold)
-        new.counts = Counter(self.counts)
-        new._spares = None
+        new.counts, new.free = Counter(self.counts), set(self.free)
         return new
 
     # --- reads ------------------------------------------------------------------------------------
@@ -76,9 +78,8 @@ class FarmState:
             devices = (self.counts[p.name] - inside[p.name]) * p.devices_per_node
             if devices > 0:
                 rest.append(Node(id=f"{p.name}/in-service", pool=p.name, rack="", devices=devices))
-        if self._spares is None:
-            self._spares = tuple(self.by_id[n] for n in (*self.hot, *self.cold))
-        return dataclasses.replace(self.universe, nodes=(*concern, *rest), spares=self._spares)
+        spares = (*self.hot, *self.cold) if self.reserve_in_view else tuple(self.hot)
+        return dataclasses.replace(self.universe, nodes=(*concern, *rest), spares=spares)
 
     def healthy_and_lost(self) -> tuple[Farm, tuple[Node, ...]]:
         """The nodes in service as a Farm, in the universe's order, and the start's nodes now out."""
@@ -112,14 +113,15 @@ class FarmState:
 
     def activate(self, spares: tuple[str, ...]) -> int:
         """Move these free spares into service; returns how many of them were cold."""
-        self._spares = None
         cold = 0
         for n in spares:
-            if n in self.hot:
-                self.hot.remove(n)
+            node = self.by_id[n]
+            if node in self.hot:
+                self.hot.remove(node)
             else:
-                self.cold.remove(n)
+                self.cold.remove(node)
                 cold += 1
+            self.free.discard(n)
         self.rejoin(spares)
         return cold
 
@@ -127,17 +129,19 @@ class FarmState:
         return {n for n in nodes if n not in self.pos}
 
     def reserve_pop(self) -> str | None:
-        self._spares = None
-        return self.cold.pop(0) if self.cold else None
+        if not self.cold:
+            return None
+        node = self.cold.pop(0)
+        self.free.discard(node.id)
+        return node.id
 
     def restock(self) -> None:
         """The cluster boots a reserve node as a hot spare in place of one used."""
-        self._spares = None
         if len(self.hot) < self.hot_target and self.cold:
             self.hot.append(self.cold.pop(0))
 
     def to_spares(self, node: str) -> None:
-        self._spares = None
-        if node in self.pos or node in self.hot or node in self.cold:
+        if node in self.pos or node in self.free:
             return
-        (self.hot if len(self.hot) < self.hot_target else self.cold).append(node)
+        (self.hot if len(self.hot) < self.hot_target else self.cold).append(self.by_id[node])
+        self.free.add(node)

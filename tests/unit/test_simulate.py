@@ -107,18 +107,18 @@ def test_condensed_farm_gives_the_full_farms_decisions(name: str) -> None:
     farm, hot = universe(inp.topology, hot_per_pod=2 if policy.hot_spares else 0, reserve=0.07, source="topology")
     controller = policy.build({"max_failures": 1000})
     rng = random.Random(0)
-    state = FarmState(farm, hot=hot)
+    state = FarmState(farm, hot=hot, reserve_in_view=True)
     plan = simulate(inputs(nodes=48, runs=1, days=0.01, policies=["restart"])).plan
     for _ in range(60):
         if rng.random() < 0.3 and len(state.svc) > 40:
             state.take_out((rng.choice(state.svc),))
         if rng.random() < 0.2 and state.cold:
-            state.activate((state.cold[0],))
+            state.activate((state.cold[0].id,))
         node = rng.choice(state.svc)
         lost = (node,) if rng.random() < 0.7 else ()
         full = dataclasses.replace(
             farm, nodes=tuple(state.by_id[n] for n in state.svc),
-            spares=tuple(state.by_id[n] for n in (*state.hot, *state.cold)),
+            spares=(*state.hot, *state.cold),
         )  # fmt: skip
         fault = WorkerFault(0, node, rng.choice(["died", "node_lost", "timeout", "error"]), "test")
         kwargs = dict(step=10, failures=rng.randint(1, 5), plan=plan, lost=lost, last_checkpoint=5)
