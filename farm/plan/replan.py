@@ -1,4 +1,4 @@
-"""Re-plan after a failure: the best layout on the surviving nodes, with the same global batch.
+"""Re-plan after a failure or a rejoin: the best layout on the nodes now in service, same global batch.
 
 Gradient accumulation absorbs a smaller DP degree (docs/design.md invariant 2). The search is the same
 vectorised one as at start-up, fast enough to run inside a recovery (benchmarks/bench_planner.py).
@@ -20,8 +20,8 @@ from farm.topology import Farm
 def replan(
     plan: Plan,
     *,
-    lost_nodes: Iterable[str],
     farm: Farm,
+    lost_nodes: Iterable[str] = (),
     model: ModelConfig,
     train: TrainConfig,
     parallel: ParallelConfig,
@@ -29,6 +29,9 @@ def replan(
     cost: CostParams | None = None,
 ) -> Plan:
     """The best plan on ``farm`` without ``lost_nodes``, keeping ``plan.global_batch``.
+
+    ``farm`` is the farm to plan on: after a loss either the old farm with ``lost_nodes``, or the
+    healthy farm itself; after a rejoin the farm with the returned nodes back in service.
 
     Degrees fixed in ``parallel`` are kept where the survivors allow it; the data-parallel degree is
     always free to shrink. If the fixed degrees cannot be kept, every degree is re-chosen and the
@@ -52,8 +55,10 @@ def replan(
         free = ParallelConfig(dp="auto", tp="auto", pp="auto", zero_stage="auto", micro_batch="auto")
         new = make_plan(parallel=free, **kwargs)  # type: ignore[arg-type]
         relaxed = True
+    why = (f"after losing {len(lost)} node(s) ({_short(lost)})" if lost
+           else f"on {len(survivors.nodes)} node(s) in service")
     notes = [
-        f"re-planned after losing {len(lost)} node(s) ({_short(lost)}): dp {plan.dp} -> {new.dp}, "
+        f"re-planned {why}: dp {plan.dp} -> {new.dp}, "
         f"tp {plan.tp} -> {new.tp}, pp {plan.pp} -> {new.pp}, grad_accum {plan.grad_accum} -> "
         f"{new.grad_accum}; global batch stays {plan.global_batch}"
     ]
