@@ -79,7 +79,9 @@ class FarmState:
             if devices > 0:
                 rest.append(Node(id=f"{p.name}/in-service", pool=p.name, rack="", devices=devices))
         spares = (*self.hot, *self.cold) if self.reserve_in_view else tuple(self.hot)
-        return dataclasses.replace(self.universe, nodes=(*concern, *rest), spares=spares)
+        u = self.universe
+        return Farm(name=u.name, emulate=u.emulate, pools=u.pools, nodes=(*concern, *rest), spares=spares,
+                    inter_pool_oversubscription=u.inter_pool_oversubscription)  # fmt: skip
 
     def healthy_and_lost(self) -> tuple[Farm, tuple[Node, ...]]:
         """The nodes in service as a Farm, in the universe's order, and the start's nodes now out."""

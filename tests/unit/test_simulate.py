@@ -12,6 +12,7 @@ import pytest
 from farm.controller.decisions import FailureContext, WorkerFault
 from farm.errors import ConfigError
 from farm.plan.replan import replan
+from farm.plan.search import make_plan
 from farm.simulate.__main__ import _compose
 from farm.simulate.config import sim_config
 from farm.simulate.costs import young_daly_s
@@ -108,7 +109,7 @@ def test_condensed_farm_gives_the_full_farms_decisions(name: str) -> None:
     controller = policy.build({"max_failures": 1000})
     rng = random.Random(0)
     state = FarmState(farm, hot=hot, reserve_in_view=True)
-    plan = simulate(inputs(nodes=48, runs=1, days=0.01, policies=["restart"])).plan
+    plan = make_plan(model=inp.model, train=inp.train, parallel=inp.parallel, farm=farm)
     for _ in range(60):
         if rng.random() < 0.3 and len(state.svc) > 40:
             state.take_out((rng.choice(state.svc),))
