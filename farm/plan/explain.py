@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from farm.plan.costmodel import RECOMPUTE
 from farm.plan.evaluate import Model, Segment, screen
 from farm.plan.search import Request, divisors, make_grid, uniform_candidates
 from farm.topology import Farm, GiB
@@ -131,7 +132,7 @@ def explain_no_fit(mdl: Model, req: Request, farm: Farm, groups: list[list[Segme
     need = out["ratio"][i] * cap
     layout = (
         f"dp={out['d'][i]} tp={out['t'][i]} pp={out['p'][i]} zero_stage={out['z'][i]} "
-        f"micro_batch={out['b'][i]} checkpointing={'on' if out['c'][i] else 'off'}"
+        f"micro_batch={out['b'][i]} recompute={RECOMPUTE[int(out['c'][i])]}"
     )
     head = (
         f"model {mdl.shape.name!r} does not fit in device memory on farm {farm.name!r}: the closest "
