@@ -196,6 +196,7 @@ class Run:
         self.floor = max(self.floor, to)
 
     def start(self, t: float, plan: Plan, step: float, ckpt: float, snap: float) -> None:
+        assert plan.world_size <= len(self.farm.svc) * self.farm.dpn, "a layout larger than the nodes in service"
         self.seg = Segment(t, step, plan, ckpt, snap)
         self._mark_timeline(t)
         if self.grow_pending:
@@ -283,7 +284,7 @@ class Run:
             self.charge_down(t)
         fault = WorkerFault(rank=0, node=node, kind=cause.kind, detail=cause.label)
         ctx = self.context(state, int(steps), lost=(node,) if replace else (), node=node)
-        self.execute(t, self.s.controller.decide(fault, ctx), fault, state, float(d.repair_s[i]))
+        self.execute(t, self.s.controller.decide(fault, ctx), fault, state, float(d.repair_s[i]), ctx.lost)
 
     def context(self, state: Segment, step: int, *, lost: tuple[str, ...], node: str | None = None,
                 waited: bool = False) -> FailureContext:  # fmt: skip
@@ -294,9 +295,17 @@ class Run:
             repeats=self.repeats[lost[0]] if lost else 1, waited=waited,
         )  # fmt: skip
 
-    def execute(self, t: float, decision: Any, fault: WorkerFault, state: Segment, repair_s: float) -> None:
+    def execute(self, t: float, decision: Any, fault: WorkerFault, state: Segment, repair_s: float,
+                lost: tuple[str, ...] = (), *, detected: bool = False) -> None:  # fmt: skip
+        """Price ``decision`` from t. ``detected``: a decision taken again during a recovery (the
+        fault was seen already). Nodes still awaited by an earlier WaitForNode keep the run waiting
+        unless the decision replaces them or re-plans without them."""
         s = self.s
-        detect = s.detect_s.get(fault.kind, 0.0)
+        detect = 0.0 if detected else s.detect_s.get(fault.kind, 0.0)
+        if self.waiting and isinstance(decision, (Noop, Restart, Rollback, SkipBatch)):
+            self.wait_for = (fault, state)
+            self.go_down(t, [("detection", detect), ("wait", math.inf)], state)
+            return
         if isinstance(decision, Noop):
             self.start(t, state.plan, state.s0, state.prior_ckpt, state.prior_snap)
             return
@@ -306,6 +315,12 @@ class Run:
                          state)  # fmt: skip
         elif isinstance(decision, ReplaceWithSpare):
             self.lose(t, decision.lost, repair_s)
+            self.waiting -= set(decision.lost)
+            if self.waiting:  # others are still awaited: this spare covers only its own
+                self.farm.activate(decision.spares)
+                self.wait_for = (fault, state)
+                self.go_down(t, [("detection", detect), ("wait", math.inf)], state)
+                return
             cold = self.farm.activate(decision.spares)
             if cold < len(decision.spares) and s.cold_spare_s:
                 self.push(t + s.cold_spare_s, "restock", None)
@@ -314,7 +329,7 @@ class Run:
                              ("restore", self.restore_s(state.plan))], state)  # fmt: skip
         elif isinstance(decision, WaitForNode):
             self.lose(t, decision.nodes, repair_s)
-            self.waiting = self.farm.out_of_service(decision.nodes)
+            self.waiting |= self.farm.out_of_service(decision.nodes)
             self.wait_for = (fault, state)
             self.go_down(t, [("detection", detect), ("wait", math.inf)], state)
             if not self.waiting:
@@ -323,13 +338,14 @@ class Run:
                 self.push(t + detect + decision.timeout_s, "wait_over", (self.gen, fault, state))
         elif isinstance(decision, Shrink):
             self.lose(t, decision.lost, repair_s)
+            self.waiting = set()
             try:
                 plan, took = self.replan(state.plan)
             except PlanError:  # the model does not fit the survivors: wait for the nodes instead
                 self.farm.rejoin(decision.lost)
                 why = "the survivors cannot hold the model"
                 self.execute(t, WaitForNode(nodes=decision.lost, timeout_s=math.inf, reason=why), fault, state,
-                             repair_s)  # fmt: skip
+                             repair_s, detected=detected)  # fmt: skip
                 return
             new = Segment(t, state.s0, plan, state.prior_ckpt, state.prior_snap)
             self.go_down(t, [("detection", detect), ("replan", took), ("restart", s.restart_s),
@@ -338,7 +354,8 @@ class Run:
                 self.push(t + s.cold_spare_s, "handover", None)
         elif isinstance(decision, Abort):
             self.failures = 0
-            self.lose(t, tuple(n for n in (fault.node,) if fault.loses_node), repair_s)
+            self.waiting = set()
+            self.lose(t, tuple(dict.fromkeys((*lost, *((fault.node,) if fault.loses_node else ())))), repair_s)
             plan, took = self.replan(state.plan) if self.farm.shape() != self.farm.full_shape else (state.plan, 0.0)
             start = Segment(t, state.prior_ckpt, plan, state.prior_ckpt, state.prior_ckpt)
             self.rollback(state.prior_ckpt)
@@ -365,7 +382,7 @@ class Run:
             return
         self.charge_down(t)
         ctx = self.context(state, int(state.s0), lost=tuple(sorted(self.waiting)), node=fault.node, waited=True)
-        self.execute(t, self.s.controller.decide(fault, ctx), fault, state, 0.0)
+        self.execute(t, self.s.controller.decide(fault, ctx), fault, state, 0.0, ctx.lost, detected=True)
 
     def on_repair(self, t: float, node: str) -> None:
         if node in self.waiting:
@@ -392,9 +409,8 @@ class Run:
             fault, state = self.wait_for
             lost = tuple(sorted(self.waiting))
             self.charge_down(t)
-            self.waiting = set()
             ctx = self.context(state, int(state.s0), lost=lost, node=fault.node)
-            self.execute(t, self.s.controller.decide(fault, ctx), fault, state, 0.0)
+            self.execute(t, self.s.controller.decide(fault, ctx), fault, state, 0.0, lost, detected=True)
             return
         if self.farm.shape() == self.farm.full_shape:
             self.farm.to_spares(node)

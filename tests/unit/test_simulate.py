@@ -69,6 +69,17 @@ def test_every_second_is_accounted_for() -> None:
     assert set(ACCOUNTS) >= {"training", "redo", "detection"}
 
 
+def test_without_a_reserve_the_baselines_wait_for_repairs() -> None:
+    """No cold reserve: a lost node is waited for (restart) or covered by a hot spare (spares); the
+    run never trains a layout larger than its nodes in service (asserted at every resume)."""
+    study = simulate(inputs(nodes=48, failure_scale=60.0, runs=3, days=4, policies=ALL, reserve_share=0.0))
+    for name in ALL:
+        for run in study.results[name].runs:
+            assert run["accounted_s"] == pytest.approx(4 * 86400, rel=1e-9)
+    lost = {n: np.mean([r["device_hours_lost"]["wait"] for r in study.results[n].runs]) for n in ALL}
+    assert lost["restart"] > lost["spares"] > 0 and lost["replan"] == 0
+
+
 def test_doubling_the_failure_rate_lowers_ettr() -> None:
     one = simulate(inputs(nodes=64, failure_scale=10.0, runs=4, days=5, policies=ALL))
     two = simulate(inputs(nodes=64, failure_scale=20.0, runs=4, days=5, policies=ALL))
