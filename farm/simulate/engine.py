@@ -415,9 +415,9 @@ class Run:
         if self.farm.shape() == self.farm.full_shape:
             self.farm.to_spares(node)
             return
-        state = self.seg or (self.down[2] if self.down else None)
-        assert state is not None
-        decision = self.s.controller.on_rejoin((node,), self.context(state, int(state.s0), lost=()))
+        now = self.seg or (self.down[2] if self.down else None)
+        assert now is not None
+        decision = self.s.controller.on_rejoin((node,), self.context(now, int(now.s0), lost=()))
         if isinstance(decision, Grow):
             self.farm.rejoin(decision.nodes)
             if self.seg is not None:
