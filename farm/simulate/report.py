@@ -77,17 +77,19 @@ def print_table(study: Study, *, model: str, console: Console) -> None:
         f"({ck['every_min']:.1f} min, {ck['rule']}; {ck['checkpoint_bytes'] / 1e12:.2f} TB, "
         f"stall {ck['save_stall_s']:.2f} s, commit after {ck['write_s']:.1f} s)"
     )
-    table = Table(title="per policy: mean ± spread (sample std) over the runs", title_justify="left")
-    for col in ("policy", "ETTR", "goodput", "interruptions", "tokens/day", "days to target", "slowest step s",
-                *(f"{k} kGPUh" for k in LOSSES)):  # fmt: skip
-        table.add_column(col, justify="right")
+    table = Table(title="per policy, mean ± spread (sample std) over the runs; then thousand device-hours lost "
+                        "per run, by account", title_justify="left")  # fmt: skip
+    short = {"detection": "detect", "checkpoint": "ckpt", "degraded": "slower"}
+    for col in ("policy", "ETTR", "goodput", "interrupts", "tokens/day", "days to target", "slowest step",
+                *(short.get(k, k) for k in LOSSES)):  # fmt: skip
+        table.add_column(col, justify="right", no_wrap=col in ("policy", "ETTR", "goodput", "days to target"))
     best = best_policy(study)
     for name, res in study.results.items():
         lost = _lost(res)
         table.add_row(
             name, _pm(*res.stat("ettr"), ".1%"), _pm(*res.stat("goodput"), ".1%"),
             _pm(*res.stat("interruptions"), ".0f"), f"{res.stat('tokens_per_day')[0] / 1e9:,.1f} B",
-            _pm(*res.stat("days_to_target"), ".1f"), f"{res.stat('slowest_step_s')[0]:.2f}",
+            _pm(*res.stat("days_to_target"), ".1f"), f"{res.stat('slowest_step_s')[0]:.2f} s",
             *(f"{lost[k][0] / 1e3:,.1f}" for k in LOSSES), style="bold" if name == best else None,
         )  # fmt: skip
     console.print(table)
