@@ -1,7 +1,7 @@
 """Verifying a checkpoint at restart: the driver hashing every file up front, against sizes up front and
 each rank hashing the files it loads, in parallel, as it loads them (docs/checkpoints.md, "Resuming").
 
-    python benchmarks/bench_checkpoint_verify.py [--gb 4] [--ranks 2] [--rounds 3] [--dir DIR]
+    python benchmarks/bench_checkpoint_verify.py [--gb 4] [--ranks 2] [--rounds 3] [--dir DIR] [--warm]
 
 A checkpoint of --gb GB is written in --ranks parts (each rank its own row blocks of every tensor, as
 tensor parallelism lays them out). Then, per round, in alternating order:
@@ -17,8 +17,8 @@ The restart's time to loaded weights is "driver pool + ranks load (no verificati
 "sizes up front + ranks load, verify on read" now. On one machine the ranks share its cores and disk, so
 the parallel gain is at most the core count; on a farm each rank hashes only its own share, so the
 verification time stays that of one rank's share (bytes / ranks / hash rate) however large the model.
-Caches are dropped before each measurement when the process may (root outside a container), else every
-figure is with a warm page cache, which the table says.
+The page cache is dropped before each measurement when the process may (root), unless --warm; the
+table says which.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=os.cpu_count() or 2, help="parts, and loading processes")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=Path.cwd(), help="where the checkpoint is written")
+    parser.add_argument("--warm", action="store_true", help="keep the page cache (do not drop it)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-verify-", dir=args.dir))
     try:
@@ -133,21 +134,22 @@ def main() -> None:
             "ranks load, no verification": lambda: ranks_load(path, ranks=args.ranks, verify_on_read=False),
         }
         times: dict[str, list[float]] = {name: [] for name in cases}
-        cold = True
+        cold = not args.warm
         for rnd in range(args.rounds):
             order = list(cases) if rnd % 2 == 0 else list(reversed(cases))
             for name in order:
-                cold = drop_caches() and cold
+                cold = cold and drop_caches()
                 times[name].append(timed(cases[name]))
-        report(times, size=size, ranks=args.ranks, cold=cold)
+        cache = ("dropped before each measurement" if cold
+                 else "warm (--warm)" if args.warm else "warm (this process may not drop it)")
+        report(times, size=size, ranks=args.ranks, cache=cache)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def report(times: dict[str, list[float]], *, size: int, ranks: int, cold: bool) -> None:
+def report(times: dict[str, list[float]], *, size: int, ranks: int, cache: str) -> None:
     med = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\npage cache: {'dropped before each measurement' if cold else 'warm (could not drop it)'}; "
-          f"median of {len(next(iter(times.values())))} rounds, {os.cpu_count()} CPU cores")
+    print(f"\npage cache: {cache}; median of {len(next(iter(times.values())))} rounds, {os.cpu_count()} CPU cores")
     print(f"{'measurement':34} {'median s':>9} {'spread s':>9} {'GiB/s':>7}")
     for name, values in times.items():
         spread = max(values) - min(values)
