@@ -51,13 +51,18 @@ def to_json(study: Study, *, model: str) -> dict[str, Any]:
     policies = {}
     for name, res in study.results.items():
         policies[name] = {
-            **{k: dict(zip(("mean", "std"), res.stat(k))) for k in
+            **{k: dict(zip(("mean", "std"), _finite(res.stat(k)))) for k in
                ("ettr", "goodput", "interruptions", "tokens_per_day", "days_to_target", "slowest_step_s",
                 "min_devices", "layouts")},
             "interruptions_by_cause": _causes(study, res),
             "device_hours_lost": {k: {"mean": m, "std": s} for k, (m, s) in _lost(res).items()},
         }  # fmt: skip
     return {"model": model, **header(study), "policies": policies, "best": best_policy(study)}
+
+
+def _finite(pair: tuple[float, float]) -> tuple[float | None, float | None]:
+    """JSON has no infinity: an unreachable target is null."""
+    return (pair[0], pair[1]) if math.isfinite(pair[0]) else (None, None)
 
 
 def _pm(mean: float, std: float, fmt: str) -> str:

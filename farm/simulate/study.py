@@ -46,6 +46,8 @@ class PolicyResult:
 
     def stat(self, key: str) -> tuple[float, float]:
         values = np.array([r[key] for r in self.runs], dtype=float)
+        if not np.all(np.isfinite(values)):
+            return math.inf, 0.0  # e.g. days to target when a run trained nothing
         return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
