@@ -47,7 +47,6 @@ class Setup:
     policy: SimPolicy
     controller: FailurePolicy
     failures: FailureSet
-    draws_scale: float
     state: FarmState
     """The farm at the start (copied per run)."""
     plan: Plan

@@ -136,7 +136,7 @@ def _setup(policy: SimPolicy, inputs: Inputs, fs: FailureSet, plan: Plan, replan
 
     return Setup(
         policy=policy, controller=policy.build(dict(sim.policy_options)), failures=fs,
-        draws_scale=sim.failure_scale, state=FarmState(farm, hot=hot, reserve_in_view=not policy.refill), plan=plan, replanner=replanner,
+        state=FarmState(farm, hot=hot, reserve_in_view=not policy.refill), plan=plan, replanner=replanner,
         costs={}, cost_of=cost_of, ckpt_every=ckpt_every, snap_every=snap_every, detect_s=detect,
         restart_s=rec.job_restart_s if policy.restart == "job" else rec.regroup_s,
         cold_spare_s=rec.cold_spare_s, operator_s=rec.operator_s, span_s=sim.days * 86400,
