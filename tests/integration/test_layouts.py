@@ -1,9 +1,10 @@
 """The bar of the 3D runtime and of layout-free checkpoints: same math in every layout.
 
 Every (DP, TP, PP) layout trains the same samples with the same global batch, and its loss at each
-of the first 10 steps matches the single-process run within 1e-4 relative. A checkpoint written
-at layout A at step 5 resumes at layout B, and steps 6..10 match the uninterrupted run at A.
-The model has 3 blocks, so PP=2 splits them unevenly.
+of the first 10 steps matches the single-process run within the float-noise floor measured in the
+same session (tests/integration/noise.py: the single-process run again at other micro-batch
+sizes). A checkpoint written at layout A at step 5 resumes at layout B, and steps 6..10 match the
+uninterrupted run at A within the same floor. The model has 3 blocks, so PP=2 splits them unevenly.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from farm.tracking import read_events, read_metrics
 from tests.integration.conftest import run_farm
+from tests.integration.noise import assert_within_noise, floor
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -28,6 +30,8 @@ LAYOUTS = {
     "tp2pp2": ("local-farm", 1, 2, 2),
     "dp2pp2": ("local-farm", 2, 1, 2),
 }
+PERTURBED = {"base-mb2": ("parallel.micro_batch=2",), "base-mb8": ("parallel.micro_batch=8",)}
+"""The single-process layout with only its reduction order changed: the noise floor."""
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +42,15 @@ def layout_runs(tiny_data: Path, farm_cluster: str, tmp_path_factory: pytest.Tem
         out[name] = root / name
         assert run_farm(out[name], data=tiny_data, address=farm_cluster, topology=topology, dp=dp, tp=tp,
                         pp=pp) == 0
+    for name, extra in PERTURBED.items():
+        out[name] = root / name
+        assert run_farm(out[name], data=tiny_data, address=farm_cluster, extra=extra) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def noise(layout_runs: dict[str, Path]) -> np.ndarray:
+    return floor(losses(layout_runs["base"]), *(losses(layout_runs[name]) for name in PERTURBED))
 
 
 def losses(run_dir: Path) -> np.ndarray:
@@ -48,8 +60,9 @@ def losses(run_dir: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "base"])
-def test_every_layout_matches_the_single_process_run(layout_runs: dict[str, Path], name: str) -> None:
-    np.testing.assert_allclose(losses(layout_runs[name]), losses(layout_runs["base"]), rtol=1e-4)
+def test_every_layout_matches_the_single_process_run(layout_runs: dict[str, Path], noise: np.ndarray,
+                                                     name: str) -> None:
+    assert_within_noise(losses(layout_runs[name]), losses(layout_runs["base"]), noise, what=name)
     _, dp, tp, pp = LAYOUTS[name]
     assert read_metrics(layout_runs[name])[0]["layout"] == {"dp": dp, "tp": tp, "pp": pp}
 
@@ -92,9 +105,17 @@ def resume_elsewhere(source: Path, target: Path, *, data: Path, address: str, la
     ids=["dp2-to-tp2", "tp2pp2-to-dp2", "pp2-to-pp1", "zero1-to-zero2"],
 )
 def test_resume_into_another_layout_continues_the_same_curve(
-    layout_runs: dict[str, Path], tiny_data: Path, farm_cluster: str, tmp_path: Path, source: str,
-    layout: tuple[str, int, int, int], extra: tuple[str, ...],
+    layout_runs: dict[str, Path], noise: np.ndarray, tiny_data: Path, farm_cluster: str, tmp_path: Path,
+    source: str, layout: tuple[str, int, int, int], extra: tuple[str, ...],
 ) -> None:
     resumed = resume_elsewhere(layout_runs[source], tmp_path / "resumed", data=tiny_data, address=farm_cluster,
                                layout=layout, extra=extra)
-    np.testing.assert_allclose(resumed[5:], losses(layout_runs[source])[5:], rtol=1e-4)
+    # Steps 1..5 are the source's own lines, kept; 6..10 ran on the new layout from step 5's state,
+    # so they differ by reduction order over 5 steps only: the 10-step floor bounds them from above.
+    np.testing.assert_array_equal(resumed[:5], losses(layout_runs[source])[:5])
+    assert_within_noise(resumed[5:], losses(layout_runs[source])[5:], noise[5:], what=f"{source} -> {layout}")
+
+
+def test_the_noise_floor_is_a_float_floor(noise: np.ndarray) -> None:
+    # A floor that large would hide real errors: reduction order alone moves the first steps by ulps.
+    assert noise[:5].max() < 1e-6, noise

@@ -32,9 +32,8 @@ def run(run_dir: Path, data: Path, *overrides: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
-    out = {"dp2": root / "dp2", "dp1": root / "dp1", "resumed": root / "resumed"}
+    out = {"dp2": root / "dp2", "resumed": root / "resumed"}
     run(out["dp2"], tiny_data, "parallel.dp=2")
-    run(out["dp1"], tiny_data, "parallel.dp=1")
     run(out["resumed"], tiny_data, "parallel.dp=2", "run.stop_after_step=10")
     run(out["resumed"], tiny_data, "parallel.dp=2")
     return out
@@ -54,18 +53,13 @@ def test_dp2_trains_and_the_loss_falls(runs: dict[str, Path]) -> None:
     assert rows[0]["layout"] == {"dp": 2, "tp": 1, "pp": 1}
 
 
-def test_dp1_and_dp2_give_the_same_loss_curve(runs: dict[str, Path]) -> None:
-    dp1, dp2 = losses(runs["dp1"]), losses(runs["dp2"])
-    # Same samples, same global batch: only the order of float reductions differs (two micro-batch
-    # sums and an all-reduce against four sums, one thread per worker against two). That drift is
-    # ~1e-7 at first and grows as training goes on, so the bar is tight early and loose late.
-    np.testing.assert_allclose(dp1[:10], dp2[:10], rtol=1e-4)
-    np.testing.assert_allclose(dp1, dp2, rtol=1e-2)
-    assert read_metrics(runs["dp1"])[0]["layout"]["dp"] == 1
+# DP1 against DP2 (and every other layout) is held to the measured float-noise floor in
+# tests/integration/test_layouts.py.
 
 
 def test_stop_and_resume_matches_an_uninterrupted_run(runs: dict[str, Path]) -> None:
-    np.testing.assert_allclose(losses(runs["resumed"]), losses(runs["dp2"]), rtol=1e-6)
+    # Same layout: weights, Adam moments, step counts and the data cursor come back bit for bit.
+    np.testing.assert_array_equal(losses(runs["resumed"]), losses(runs["dp2"]))
     events = read_events(runs["resumed"])
     resumes = [e for e in events if e["event"] == "resume"]
     assert len(resumes) == 1 and resumes[0]["step"] == 10
