@@ -369,7 +369,7 @@ class Run:
 
     def replan(self, plan: Plan) -> tuple[Plan, float]:
         shape = self.farm.shape()
-        new, took = self.s.replanner.plan_for(plan, shape, self.farm.healthy_and_lost)
+        new, took = self.s.replanner.plan_for(plan, shape, self.farm.healthy)
         if new is not self.layouts[-1]:
             self.layouts.append(new)
             self.shapes.append(shape)

@@ -15,28 +15,23 @@ tests/unit/test_simulate.py compares every simulated layout with a direct ``repl
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from farm.config import ModelConfig, ParallelConfig, TrainConfig
 from farm.plan.layout import Plan
 from farm.plan.replan import replan
 from farm.plan.search import make_plan
-from farm.topology import Farm, Node
+from farm.topology import Farm
 
 Shape = tuple[tuple[str, int], ...]
 """Nodes in service per pool, in farm order."""
 
 
-def replan_on(
-    plan: Plan, *, healthy: Farm, lost: Sequence[Node], model: ModelConfig, train: TrainConfig,
-    parallel: ParallelConfig,
-) -> Plan:  # fmt: skip
+def replan_on(plan: Plan, *, healthy: Farm, model: ModelConfig, train: TrainConfig, parallel: ParallelConfig) -> Plan:
     """The one call of ``replan``: the best plan on ``healthy`` (the nodes in service), keeping the
-    global batch. ``lost`` are the nodes out of service that ``replan`` is told about."""
-    whole = dataclasses.replace(healthy, nodes=(*healthy.nodes, *lost))
-    return replan(plan, lost_nodes=[n.id for n in lost], farm=whole, model=model, train=train, parallel=parallel)
+    global batch."""
+    return replan(plan, farm=healthy, model=model, train=train, parallel=parallel)
 
 
 class Replanner:
@@ -55,16 +50,15 @@ class Replanner:
     def initial(self, farm: Farm) -> Plan:
         return make_plan(model=self.model, train=self.train, parallel=self.parallel, farm=farm)
 
-    def plan_for(self, plan: Plan, shape: Shape, build: Callable[[], tuple[Farm, Sequence[Node]]]) -> tuple[Plan, float]:
+    def plan_for(self, plan: Plan, shape: Shape, build: Callable[[], Farm]) -> tuple[Plan, float]:
         """(the plan ``replan`` gives for survivors of ``shape``, the seconds that call took).
 
-        ``build`` makes the healthy farm and the lost nodes; it runs only when the shape is new."""
+        ``build`` makes the healthy farm; it runs only when the shape is new."""
         hit = self._plans.get(shape) or self._in_range(shape)
         if hit is None:
-            healthy, lost = build()
+            healthy = build()
             start = time.perf_counter()
-            new = replan_on(plan, healthy=healthy, lost=lost, model=self.model, train=self.train,
-                            parallel=self.parallel)  # fmt: skip
+            new = replan_on(plan, healthy=healthy, model=self.model, train=self.train, parallel=self.parallel)
             took = time.perf_counter() - start
             self.calls += 1
             hit = self._plans[shape] = (new, took if self.fixed_s is None else self.fixed_s)

@@ -83,11 +83,10 @@ class FarmState:
         return Farm(name=u.name, emulate=u.emulate, pools=u.pools, nodes=(*concern, *rest), spares=spares,
                     inter_pool_oversubscription=u.inter_pool_oversubscription)  # fmt: skip
 
-    def healthy_and_lost(self) -> tuple[Farm, tuple[Node, ...]]:
-        """The nodes in service as a Farm, in the universe's order, and the start's nodes now out."""
-        healthy = tuple(self.by_id[n] for n in sorted(self.svc, key=self.order.__getitem__))
-        lost = tuple(n for n in self.universe.nodes if n.id not in self.pos)
-        return dataclasses.replace(self.universe, nodes=healthy, spares=()), lost
+    def healthy(self) -> Farm:
+        """The nodes in service as a Farm, in the universe's order (what a re-plan plans on)."""
+        nodes = tuple(self.by_id[n] for n in sorted(self.svc, key=self.order.__getitem__))
+        return dataclasses.replace(self.universe, nodes=nodes, spares=())
 
     # --- changes ----------------------------------------------------------------------------------
 
