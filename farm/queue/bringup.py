@@ -128,7 +128,7 @@ _FATAL = re.compile(r"^\[[^\]]* C \d+ \d+\] .*$", re.MULTILINE)
 
 def _fatal_lines(pattern: str) -> str | None:
     """The fatal lines of the Ray session logs matching ``pattern``, if any component logged one."""
-    found = []
+    found: list[str] = []
     for path in sorted(glob.glob(pattern)):
         lines = _FATAL.findall(Path(path).read_text(errors="replace"))
         found.extend(f"{path}: {line}" for line in lines[-3:])
