@@ -131,3 +131,13 @@ def test_contents_are_verified_as_each_file_is_first_read(tmp_path: Path) -> Non
     assert isinstance(copy, CheckpointCorrupt) and copy.path == str(path) and str(copy) == str(err.value)
     with open_checkpoint(CheckpointInfo(10, path), verify=False, verify_on_read=False) as reader:
         assert reader.read("w").shape == (8, 2)
+
+
+def test_resume_false_starts_afresh_and_supersedes_every_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    for step in (10, 20):
+        save(store, step)
+    truncate(tmp_path / "step-00000020" / "rank-00000.safetensors")
+    choice = choose_resume(store, identity=IDENTITY, resume=False)
+    assert choice.info is None and choice.corrupt == ()
+    assert [c.step for c in choice.superseded] == [10, 20]
