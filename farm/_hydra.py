@@ -127,6 +127,7 @@ def compose_from_argv(
     """
     from hydra import compose, initialize_config_dir
 
+    check_conf_files([])
     overrides = topology_files(list(argv))
     for name, defaults in (extra_groups or {}).items():
         given = [o for o in overrides if o.startswith(f"{name}.")]
