@@ -15,8 +15,10 @@ from typing import Any
 
 from farm.config import CheckpointConfig
 
-_COLLATERAL = ("another rank aborted", "were not written within")
-"""What a rank says when another rank's failure aborted the shared save: a consequence, not a cause."""
+_COLLATERAL = ("another rank aborted", "were not written within", "No such file or directory")
+"""What a rank says when another rank's failure aborted the shared save (which removes the save's
+directory under the others' feet): a consequence, not a cause. Only preferred against: when every
+rank says so, it is the cause that is reported."""
 
 
 @dataclass(frozen=True)

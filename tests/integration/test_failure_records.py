@@ -41,6 +41,17 @@ def test_failed_saves_in_a_row_stop_training_naming_the_last_valid_step(
     latest = CheckpointStore(small_disk).latest_valid()
     assert latest is not None and latest.step == 2, "the last valid checkpoint is kept"
 
+    # Resumed on the same full disk, with the other limit: time without a checkpoint once a save failed.
+    with pytest.raises(CheckpointError) as err:
+        run_farm(run_dir, data=tiny_data, address=farm_cluster, dp=2, steps=40,
+                 extra=("checkpoint.every=2", "checkpoint.max_failed_saves=0", "checkpoint.max_unsaved_s=0.5"))
+    message = str(err.value)
+    assert "s have passed since checkpoint step 2 and the save(s) since failed (steps 4;" in message, message
+    assert "checkpoint.max_unsaved_s=0.5" in message and "the newest valid checkpoint is step 2" in message
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) <= 7, "stopped at the first failed save's report"
+    assert CheckpointStore(small_disk).latest_valid().step == 2  # type: ignore[union-attr]
+
 
 def test_a_worker_failing_at_start_up_leaves_a_failure_event_and_its_traceback(
     tiny_data: Path, farm_cluster: str, tmp_path: Path
