@@ -208,6 +208,17 @@ class RunConfig:
     """Fail if one optimizer step takes longer than this (a hung collective)."""
     stop_after_step: int | None = None
     """Stop cleanly (with a checkpoint) after this step; used to test resume and preemption."""
+    failure_policy: str = "abort"
+    """What a fault leads to: 'replan' (restart, spares, re-plan on the survivors, grow back),
+    'restart' (spares or wait for the repair, never smaller) or 'abort' (stop; re-run to resume)."""
+    max_failures: int = 10
+    """Stop at the failure after this many (any kind) in one run."""
+    min_devices: int = 1
+    """Stop rather than re-plan onto fewer devices than this."""
+    rejoin_wait_s: float = 0.0
+    """Wait this long for a lost node to come back before re-planning without it."""
+    exclude_stragglers: bool = False
+    """Treat a node that stays slower than the others as lost."""
 
 
 @dataclass(frozen=True)

@@ -243,17 +243,20 @@ def _run(launch: Launch, notes: list[str]) -> int:
 def _train_falling_back(launch: Launch, tracker: Tracker) -> tuple[Finished, Controller]:
     """Train from the chosen checkpoint; one whose contents fail their digests while the workers load
     it is moved to checkpoints/corrupt/ and the next older sound one is tried."""
-    from farm.controller.controller import Controller, RunParts
+    from farm.controller.controller import Controller
+    from farm.controller.policy import failure_policy
+    from farm.controller.states import RunParts
 
     cfg, choice = launch.cfg, launch.choice
     while True:
         parts = RunParts(
-            farm=launch.farm, plan=launch.plan, model=cfg.model, train=cfg.train, data=cfg.data,
+            farm=launch.farm, plan=launch.plan, model=cfg.model, train=cfg.train, parallel=cfg.parallel,
+            data=cfg.data,
             checkpoint=cfg.checkpoint, run=cfg.run, run_dir=launch.run_dir, vocab_size=launch.vocab,
             decay_steps=launch.identity.decay_steps, precision=launch.precision,
             checkpoint_meta=launch.checkpoint_meta(choice.step),
         )
-        controller = Controller(parts, tracker=tracker)
+        controller = Controller(parts, tracker=tracker, policy=failure_policy(cfg.run))
         try:
             resume = str(choice.info.path) if choice.info is not None else None
             return controller.run(resume_path=resume, resume_step=choice.step), controller

@@ -1,96 +1,80 @@
 """The controller: an explicit state machine in the driver, the only writer of run state.
 
-``Controller.run`` loops ``state = self._step(state)`` until a terminal state. Each state is a small
-frozen dataclass; side concerns (checkpoint, stop, logging) are one call each with their own gate.
+``Controller.run`` loops ``state = self._step(state)`` until a terminal state (farm/controller/
+states.py draws the diagram). Side concerns (checkpoint, stop, logging, rejoin) are one call each
+with their own gate. A fault becomes ``Recovering``; the failure policy's decision is executed by
+``_recover``: a new attempt (same nodes, spares, the survivors, or with rejoined nodes back) is
+planned by farm/controller/recovery.py and started from the newest valid checkpoint.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
-from farm.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from farm.checkpoint import CheckpointStore
 from farm.controller.cluster import route_ray_messages
-from farm.controller.policy import AbortPolicy, FailureContext, FailurePolicy
+from farm.controller.decisions import (
+    Abort,
+    Decision,
+    FailureContext,
+    Grow,
+    Noop,
+    Restart,
+    SkipBatch,
+    WaitForNode,
+    WorkerFault,
+)
+from farm.controller.policy import AbortPolicy, FailurePolicy
+from farm.controller.recovery import Attempt, Replanner, first_attempt, next_attempt
+from farm.controller.roster import back_in_cluster, named_farm_nodes, ray_nodes, wait_back
 from farm.controller.saves import SaveHistory, ranks_text
+from farm.controller.states import (
+    Failed,
+    Finished,
+    Finishing,
+    Recovering,
+    RecoveryClock,
+    Resizing,
+    RunParts,
+    Starting,
+    State,
+    Training,
+)
 from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
 from farm.errors import (
     CheckpointError,
     FarmError,
     Interrupted,
+    PlanError,
     Preempted,
     StartupFailure,
     StartupTimeout,
     WorkerFailure,
 )
-from farm.plan import Plan
-from farm.topology import Farm
 from farm.tracking import StepMetrics, Tracker
 
-
-@dataclass(frozen=True)
-class Starting:
-    resume_path: str | None
-    resume_step: int
-
-
-@dataclass(frozen=True)
-class Training:
-    step: int
-
-
-@dataclass(frozen=True)
-class Finishing:
-    step: int
-    reason: str
-    """'done', 'stop_after_step' or the name of the signal that asked the run to stop."""
-
-
-@dataclass(frozen=True)
-class Finished:
-    step: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class Failed:
-    step: int
-    error: FarmError
-
-
-State = Starting | Training | Finishing | Finished | Failed
-
-
-@dataclass(frozen=True)
-class RunParts:
-    """Everything the controller needs, built by the launcher; each part is its own component's."""
-
-    farm: Farm
-    plan: Plan
-    model: ModelConfig
-    train: TrainConfig
-    data: DataConfig
-    checkpoint: CheckpointConfig
-    run: RunConfig
-    run_dir: Path
-    vocab_size: int
-    decay_steps: int
-    precision: str
-    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
-    """Static fields of every checkpoint manifest (config hash, tokenizer hash, data fingerprint)."""
+__all__ = ["Controller", "Finished", "RunParts", "preempted_message"]
 
 
 class Controller:
+    worker_group_cls: Any = WorkerGroup
+    """The group factory; controller tests step the machine with a fake group in its place."""
+    cluster_nodes: Any = staticmethod(ray_nodes)
+    """``() -> ray.nodes()`` (None without a Ray connection): who is alive, for losses and rejoins."""
+
     def __init__(self, parts: RunParts, *, tracker: Tracker, policy: FailurePolicy | None = None) -> None:
         self.p = parts
         self.tracker = tracker
         self.policy = policy or AbortPolicy()
-        self.group: WorkerGroup | None = None
+        self.replanner = Replanner(farm=parts.farm, model=parts.model, train=parts.train,
+                                   parallel=parts.parallel, vocab_size=parts.vocab_size)
+        self.attempt: Attempt = first_attempt(parts.farm, parts.plan)
+        self.group: Any = None
         self.last_checkpoint: int | None = None
         self.stop_signal: str | None = None
         self.interrupted = False
@@ -98,15 +82,16 @@ class Controller:
         self.step = 0
         """The last step every rank completed."""
         self.failures = 0
+        self.node_faults: Counter[str] = Counter()
+        """Faults per node since its last good step: two in a row exclude it (the policy decides)."""
+        self.seen_gone: set[str] = set()
+        """Nodes out of service that have been seen gone from the cluster: their return is a rejoin."""
+        self.clock: RecoveryClock | None = None
+        """The recovery under way, until training is past the step it had reached."""
+        self.step_done_at = time.monotonic()
         self.saves = SaveHistory(parts.checkpoint, last_valid=None, now=time.monotonic())
         self.saving = False
         """A save is in flight: poll the workers for its outcome after each step."""
-        # Names this attempt's in-progress checkpoint directories apart from a crashed attempt's.
-        self.attempt = f"{os.getpid()}-{int(time.time())}"
-        last = parts.plan.pp - 1
-        # Loss and norms are reported by the last pipeline stage.
-        self.reporter = next(r.rank for r in parts.plan.ranks
-                             if r.pp_rank == last and r.tp_rank == 0 and r.dp_rank == 0)
 
     # -- gates ---------------------------------------------------------------------------------------
 
@@ -121,13 +106,24 @@ class Controller:
             return "stop_after_step"
         return self.stop_signal
 
+    def should_grow(self, step: int) -> tuple[str, ...]:
+        """Nodes back in the cluster, checked at checkpoint boundaries while some are out."""
+        if not self.attempt.out or not self.should_checkpoint(step):
+            return ()
+        nodes = self.cluster_nodes() or []
+        alive = set(back_in_cluster(self.attempt.out, nodes))
+        self.seen_gone |= set(self.attempt.out) - alive
+        # A node excluded while still up (repeated faults, a straggler) comes back only after a repair
+        # took it out of the cluster: its mere presence is not a return.
+        return tuple(sorted(alive & self.seen_gone))
+
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, *, resume_path: str | None, resume_step: int) -> Finished:
         self.last_checkpoint = resume_step if resume_path else None
         self.step = resume_step
         self.saves = SaveHistory(self.p.checkpoint, last_valid=self.last_checkpoint, now=time.monotonic())
-        state: State = Starting(resume_path, resume_step)
+        state: State = Starting(self.attempt, resume_path, resume_step)
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         route_ray_messages(self.p.run_dir / "logs" / "ray.log")
@@ -145,9 +141,7 @@ class Controller:
         finally:
             # Shut the workers down before giving the signals back: a second SIGTERM during the
             # shutdown must not reach Ray's handler, which exits the driver mid-way.
-            if self.group is not None:
-                self.group.shutdown(graceful=False)
-                self.group = None
+            self._drop_group()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if isinstance(state, Failed):
@@ -173,51 +167,70 @@ class Controller:
                 return self._start(state)
             if isinstance(state, Training):
                 return self._train(state)
+            if isinstance(state, Recovering):
+                return self._recover(state)
+            if isinstance(state, Resizing):
+                return self._resize(state)
             if isinstance(state, Finishing):
                 return self._finish(state)
         except WorkerFailed as err:
-            return self._on_failure(state, err)
+            return self._on_fault(err.fault, str(err))
+        except (StartupFailed, StartupTimedOut) as err:
+            if err.fault is not None and self.attempt.number > 0:
+                return self._on_fault(err.fault, str(err))  # a node lost while a recovery starts up
+            return self._on_error(state, err)
         except FarmError as err:  # start-up failures, and errors a worker raised with their own message
             return self._on_error(state, err)
         raise AssertionError(f"no transition from {state}")
 
     def _start(self, state: Starting) -> State:
         p = self.p
-        self.group = WorkerGroup(farm=p.farm, plan=p.plan, run_dir=str(p.run_dir),
-                                 startup_timeout_s=p.run.startup_timeout_s)
+        self.attempt = attempt = state.attempt
+        self.group = self.worker_group_cls(farm=attempt.farm, plan=attempt.plan, run_dir=str(p.run_dir),
+                                           startup_timeout_s=p.run.startup_timeout_s)
         port = self.group.call("pick_port", timeout=60, what="starting workers", ranks=[0], startup=True)[0]
         master = self.group.infos[0]["ip"]
         setups = self.group.call(
             "setup", timeout=p.run.startup_timeout_s, what="setting up workers", startup=True,
-            master_addr=master, master_port=port, plan=p.plan.to_json(), model=p.model, train=p.train,
+            master_addr=master, master_port=port, plan=attempt.plan.to_json(), model=p.model, train=p.train,
             data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
-            resume=state.resume_path, resume_step=state.resume_step, attempt=self.attempt,
+            resume=state.resume_path, resume_step=state.step, attempt=attempt.nonce,
         )
-        self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"],
+        self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"], attempt=attempt.number,
                            pids=[i["pid"] for i in self.group.infos],
-                           nodes=[p.plan.ranks[i].node for i in range(len(setups))])
+                           nodes=[attempt.plan.ranks[i].node for i in range(len(setups))])
         if state.resume_path:
-            self.tracker.event("resume", step=state.resume_step, checkpoint=state.resume_path)
+            self.tracker.event("resume", step=state.step, checkpoint=state.resume_path)
+        self.step = state.step
+        self.step_done_at = time.monotonic()
+        if self.clock is not None:
+            self._restored(state, setups)
         self.saves.saved_at = time.monotonic()  # unsaved time counts from the start of training
-        return Training(step=state.resume_step)
+        return Training(step=state.step)
 
     def _train(self, state: Training) -> State:
         reason = self.should_stop(state.step)
         if reason is not None:
             return Finishing(step=state.step, reason=reason)
-        assert self.group is not None
         started = time.perf_counter()
         reports = self.group.call("run_steps", 1, timeout=self.p.run.step_timeout_s,
                                   what=f"step {state.step + 1}")
         elapsed = time.perf_counter() - started
-        report = reports[self.reporter][-1]
+        report = reports[self.attempt.reporter][-1]
         self._log_step(report, elapsed)
         step = self.step = int(report["step"])
+        self.step_done_at = time.monotonic()
+        self.node_faults.clear()  # a good step: earlier faults are no longer "in a row"
+        if self.clock is not None and step > self.clock.reached:
+            self._recovered(step)
         if self.saving:
             self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
         stop = self.saves.over_limit(now=time.monotonic())  # None at once while saves succeed
         if stop is not None:
             return self._stop_unsaved(step, stop)
+        back = self.should_grow(step)
+        if back:
+            return Resizing(step=step, nodes=back)
         if self.should_checkpoint(step):
             self._save(step)
         return Training(step=step)
@@ -228,12 +241,12 @@ class Controller:
         self.tracker.step(StepMetrics(
             step=int(report["step"]), loss=float(report["loss"]), lr=float(report["lr"]), tokens=tokens,
             samples=int(report["samples"]), step_time_s=elapsed, grad_norm=float(report["grad_norm"]),
-            tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-            layout={"dp": p.plan.dp, "tp": p.plan.tp, "pp": p.plan.pp},
+            tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, layout=self.attempt.layout,
         ))
 
+    # -- checkpoints ---------------------------------------------------------------------------------
+
     def _save(self, step: int) -> None:
-        assert self.group is not None
         meta = dict(self.p.checkpoint_meta)
         meta.update(
             step=step,
@@ -241,12 +254,17 @@ class Controller:
             rng={"scheme": "per-micro-batch seed from (train.seed, step, global micro-batch)",
                  "seed": self.p.train.seed},
             scheduler={"last_step": step, "decay_steps": self.p.decay_steps},
-            plan=self.p.plan.to_json(),
+            plan=self.attempt.plan.to_json(),
         )
         root = str(self.p.run_dir / "checkpoints")
         self.saving = True
         self.group.call("save", timeout=self.p.run.step_timeout_s, what=f"checkpoint at step {step}",
                         root=root, step=step, meta=meta, cfg=self.p.checkpoint)
+
+    def _wait_saves(self) -> None:
+        self._note_commits(self.group.call(
+            "wait_save", timeout=self.p.run.step_timeout_s + self.p.checkpoint.commit_timeout_s,
+            what="finishing the last checkpoint"))
 
     def _note_commits(self, outcomes: list[dict[str, list[Any]]]) -> None:
         """Log what the ranks' background saves committed (rank 0 commits) or failed to write: one
@@ -278,11 +296,9 @@ class Controller:
         return Failed(step=step, error=error)
 
     def _finish(self, state: Finishing) -> State:
-        assert self.group is not None
         if self.last_checkpoint != state.step:
             self._save(state.step)
-        self._note_commits(self.group.call("wait_save", timeout=self.p.run.step_timeout_s + self.p.checkpoint.commit_timeout_s,
-                                           what="finishing the last checkpoint"))
+        self._wait_saves()
         self.group.shutdown(graceful=True)
         self.group = None
         if self.last_checkpoint != state.step:
@@ -295,26 +311,136 @@ class Controller:
             self.tracker.event("preempt", step=state.step, signal=state.reason)
         return Finished(step=state.step, reason=state.reason)
 
-    def _on_failure(self, state: State, err: WorkerFailed) -> State:
+    # -- faults and recovery -------------------------------------------------------------------------
+
+    def _on_fault(self, fault: WorkerFault, message: str) -> State:
+        return Recovering(step=self.step, fault=fault, message=message, detected_at=time.monotonic())
+
+    def _context(self, fault: WorkerFault, **changes: Any) -> FailureContext:
+        attempt = self.attempt
+        lost = {fault.node} if fault.loses_node else set()
+        alive = named_farm_nodes(self.cluster_nodes())
+        farm = attempt.farm
+        if alive is not None:  # the cluster names its farm nodes: every one of ours that is gone is lost
+            lost |= {n.id for n in farm.nodes if n.id not in alive}
+            self.seen_gone |= lost
+            farm = dataclasses.replace(farm, spares=tuple(n for n in farm.spares if n.id in alive))
+        context = FailureContext(step=self.step, failures=self.failures, plan=attempt.plan, farm=farm,
+                                 lost=tuple(sorted(lost)), last_checkpoint=self.last_checkpoint,
+                                 repeats=self.node_faults[fault.node])
+        return dataclasses.replace(context, **changes)
+
+    def _recover(self, state: Recovering) -> State:
+        self._drop_group()  # phase 1: every actor goes; the next attempt starts its own
+        fault = state.fault
         self.failures += 1
-        step = getattr(state, "step", getattr(state, "resume_step", 0))
-        fault = err.fault
-        self.tracker.event("failure", step=step, rank=fault.rank, node=fault.node, fault=fault.kind,
-                           detail=fault.detail)
-        context = FailureContext(step=step, failures=self.failures, plan=self.p.plan, farm=self.p.farm,
-                                 lost=(fault.node,) if fault.loses_node else (),
-                                 last_checkpoint=self.last_checkpoint)
-        decision = self.policy.decide(fault, context)
+        self.node_faults[fault.node] += 1
+        self.tracker.event("failure", step=state.step, rank=fault.rank, node=fault.node, fault=fault.kind,
+                           detail=fault.detail, attempt=self.attempt.number)
+        decision = self._decide(fault, step=state.step)
+        if isinstance(decision, Abort):
+            return Failed(step=state.step, error=WorkerFailure(f"{state.message} at step {state.step + 1}. "
+                                                               f"{decision.reason}"))
+        if isinstance(decision, SkipBatch):
+            return Failed(step=state.step, error=WorkerFailure(
+                f"{decision.reason}, but skipping a batch is not built yet; the newest valid checkpoint is "
+                f"{_step_text(self.last_checkpoint)}; lower train.lr and {_resume_hint(self.last_checkpoint)}"))
+        if isinstance(decision, Noop):
+            decision = Restart(reason=decision.reason)
+        return self._next(decision, step=state.step, fault=fault, detected_at=state.detected_at)
+
+    def _decide(self, fault: WorkerFault, *, step: int) -> Decision:
+        decision = self.policy.decide(fault, self._context(fault))
+        while isinstance(decision, WaitForNode):
+            self.tracker.event("decision", step=step, decision=decision.kind, reason=decision.reason,
+                               nodes=list(decision.nodes))
+            back = wait_back(decision.nodes, view=self.cluster_nodes, timeout_s=decision.timeout_s,
+                             should_stop=lambda: self.stop_signal is not None)
+            if len(back) == len(decision.nodes):
+                decision = Restart(reason=f"node(s) {', '.join(back)} back: restart on the same nodes")
+            else:
+                decision = self.policy.decide(fault, self._context(fault, waited=True))
         self.tracker.event("decision", step=step, decision=decision.kind, reason=decision.reason)
-        if self.group is not None:
-            self.group.shutdown(graceful=False)
-            self.group = None
-        return Failed(step=step, error=WorkerFailure(f"{err} at step {step + 1}. {decision.reason}"))
+        return decision
+
+    def _next(self, decision: Decision, *, step: int, fault: WorkerFault | None, detected_at: float) -> State:
+        """Plan the next attempt for ``decision`` and start it from the newest valid checkpoint."""
+        began = time.monotonic()
+        old = self.attempt
+        try:
+            attempt = next_attempt(old, decision, planner=self.replanner)
+        except PlanError as err:
+            return Failed(step=step, error=WorkerFailure(
+                f"no layout fits the {self.attempt.farm.num_devices} device(s) left ({err}); the newest valid "
+                f"checkpoint is {_step_text(self.last_checkpoint)}: {_resume_hint(self.last_checkpoint)} once "
+                "the nodes are back"))
+        replan_s = time.monotonic() - began
+        self.tracker.event("replan", old=old.layout, new=attempt.layout, plan_s=round(replan_s, 4),
+                           attempt=attempt.number, nodes=sorted({r.node for r in attempt.plan.ranks}),
+                           notes=list(attempt.plan.notes[:1]))
+        path, from_step = self._restore_point()
+        self.clock = RecoveryClock(
+            fault="rejoin" if fault is None else f"{fault.node} {fault.kind}", reached=step,
+            detected_at=detected_at, detect_s=max(0.0, detected_at - self.step_done_at) if fault else 0.0,
+            replan_s=replan_s, restored_step=from_step, decision=decision.kind, layout=attempt.layout,
+        )
+        return Starting(attempt, path, from_step)
+
+    def _restore_point(self) -> tuple[str | None, int]:
+        """The newest valid checkpoint (its path and step), or a fresh start when there is none yet."""
+        cfg = self.p.checkpoint
+        store = CheckpointStore(self.p.run_dir / "checkpoints", keep_last=cfg.keep_last, keep_every=cfg.keep_every)
+        info = store.latest_valid()
+        if info is None:
+            return None, 0
+        return str(info.path), info.step
+
+    def _restored(self, state: Starting, setups: list[dict[str, Any]]) -> None:
+        clock = self.clock
+        assert clock is not None
+        now = time.monotonic()
+        clock.restore_s = max(float(s.get("load_s", 0.0)) for s in setups)
+        clock.restart_s = max(0.0, now - clock.detected_at - clock.detect_s - clock.replan_s - clock.restore_s)
+        clock.started_at = now
+        self.tracker.event("restore", step=state.step, source=clock.source if state.resume_path else "none",
+                           checkpoint=state.resume_path, restore_s=round(clock.restore_s, 3))
+
+    def _recovered(self, step: int) -> None:
+        clock = self.clock
+        assert clock is not None
+        self.clock = None
+        redo_s = time.monotonic() - clock.started_at
+        mttr = clock.detect_s + clock.replan_s + clock.restart_s + clock.restore_s + redo_s
+        lost = clock.reached - clock.restored_step
+        self.tracker.event(
+            "recovery", mttr_s=round(mttr, 3), detect_s=round(clock.detect_s, 3), replan_s=round(clock.replan_s, 4),
+            restart_s=round(clock.restart_s, 3), restore_s=round(clock.restore_s, 3), redo_s=round(redo_s, 3),
+            lost_steps=lost, layout=clock.layout, decision=clock.decision, source=clock.source,
+            message=(f"{clock.fault} at step {clock.reached}: {clock.decision} -> dp{clock.layout['dp']} "
+                     f"tp{clock.layout['tp']} pp{clock.layout['pp']}, restored step {clock.restored_step} from "
+                     f"{clock.source} ({lost} step(s) redone), back past step {clock.reached} in {mttr:.1f} s"),
+        )
+
+    def _resize(self, state: Resizing) -> State:
+        """Nodes are back: checkpoint here, then re-plan upward and continue from that checkpoint."""
+        self.tracker.event("rejoin", step=state.step, nodes=list(state.nodes))
+        decision = self.policy.on_rejoin(state.nodes, self._context(
+            WorkerFault(rank=-1, node=state.nodes[0], kind="rejoin", detail="back in the cluster")))
+        self.tracker.event("decision", step=state.step, decision=decision.kind, reason=decision.reason)
+        if not isinstance(decision, Grow):
+            self._save(state.step)
+            return Training(step=state.step)
+        self._save(state.step)
+        self._wait_saves()
+        if self.last_checkpoint != state.step:
+            return Training(step=state.step)  # the boundary's save failed: grow at the next one
+        self._drop_group()
+        return self._next(decision, step=state.step, fault=None, detected_at=time.monotonic())
 
     def _on_error(self, state: State, err: FarmError) -> State:
         """Record a failure no policy can help with (for a post-mortem) and stop with its message."""
         self.failures += 1
-        step = getattr(state, "step", getattr(state, "resume_step", 0))
+        step = state.step if not isinstance(state, Finished | Failed) else self.step
         fault = err.fault if isinstance(err, StartupFailed | StartupTimedOut) else None
         if isinstance(err, StartupTimeout):
             kind = "startup_timeout"
@@ -325,10 +451,13 @@ class Controller:
         self.tracker.event("failure", step=step, rank=None if fault is None else fault.rank,
                            node=None if fault is None else fault.node, fault=kind, error=type(err).__name__,
                            detail=str(err) if fault is None else fault.detail)
+        self._drop_group()
+        return Failed(step=step, error=err)
+
+    def _drop_group(self) -> None:
         if self.group is not None:
             self.group.shutdown(graceful=False)
             self.group = None
-        return Failed(step=step, error=err)
 
 
 def _step_text(step: int | None) -> str:

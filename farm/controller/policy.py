@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
+from farm.config import RunConfig
 from farm.controller.decisions import (
     Abort,
     Decision,
@@ -167,3 +168,11 @@ def make_policy(name: str, **options: object) -> FailurePolicy:
         raise ConfigError(f"run.failure_policy: unknown policy {name!r}; choose one of "
                           f"{', '.join(sorted(POLICIES))}") from None
     return build(**options)  # type: ignore[no-any-return, operator]
+
+
+def failure_policy(run: RunConfig) -> FailurePolicy:
+    """The policy ``run.failure_policy`` names, with the run's limits."""
+    if run.failure_policy == "abort":
+        return make_policy("abort")
+    return make_policy(run.failure_policy, max_failures=run.max_failures, min_devices=run.min_devices,
+                       rejoin_wait_s=run.rejoin_wait_s, exclude_stragglers=run.exclude_stragglers)

@@ -1,0 +1,218 @@
+"""The controller's state machine, stepped with a fake worker group: no Ray, milliseconds a test.
+
+The fake group trains a made-up loss, commits the checkpoints it is asked for, and raises the
+worker faults a script names at the (attempt, step) it names. The cluster view is a list the
+test edits, as ``ray.nodes()`` would change when a node dies or comes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from farm.config import (
+    CheckpointConfig,
+    DataConfig,
+    ModelConfig,
+    ParallelConfig,
+    RunConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from farm.controller.controller import Controller
+from farm.controller.decisions import WorkerFault
+from farm.controller.policy import AbortPolicy, ElasticPolicy
+from farm.controller.states import RunParts
+from farm.controller.worker_group import WorkerFailed
+from farm.errors import WorkerFailure
+from farm.plan import make_plan
+from farm.topology import Farm, load_farm
+from farm.tracking import Tracker, read_events, read_metrics
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ModelConfig(**{**yaml.safe_load((ROOT / "conf" / "model" / "gpt-tiny.yaml").read_text()),
+                      "vocab_size": 4096})
+TRAIN = TrainConfig(global_batch=24, micro_batch=4, steps=20)
+DP_ONLY = ParallelConfig(dp="auto", tp=1, pp=1)
+
+
+class Cluster:
+    """What ``ray.nodes()`` would say: one live Ray node per farm node that is up."""
+
+    def __init__(self, nodes: list[str]) -> None:
+        self.up = set(nodes)
+
+    def __call__(self) -> list[dict[str, Any]]:
+        return [{"Alive": True, "Resources": {f"farm_node:{n}": 1.0}} for n in sorted(self.up)]
+
+
+def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster, log: list[Any]) -> type:
+    """A WorkerGroup stand-in; ``script[(attempt, step)] = (node, kind)`` fails that step there."""
+
+    class FakeGroup:
+        made = 0
+
+        def __init__(self, *, farm: Farm, plan: Any, run_dir: str, startup_timeout_s: float) -> None:
+            self.attempt, FakeGroup.made = FakeGroup.made, FakeGroup.made + 1
+            self.plan, self.step, self.committed = plan, 0, []
+            self.infos = [{"ip": "127.0.0.1", "pid": 1000 + r.rank, "node_id": r.node} for r in plan.ranks]
+            log.append(("group", self.attempt, plan.dp, plan.grad_accum, sorted({r.node for r in plan.ranks})))
+
+        def _fail_if_scripted(self, step: int) -> None:
+            where = script.get((self.attempt, step))
+            if where is None:
+                return
+            node, kind = where
+            if kind == "node_lost":
+                cluster.up.discard(node)
+            rank = next(r.rank for r in self.plan.ranks if r.node == node)
+            fault = WorkerFault(rank=rank, node=node, kind=kind, detail="scripted")
+            raise WorkerFailed(f"step {step}: worker rank {rank} on node {node} {kind}", fault)
+
+        def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+            ranks = range(self.plan.world_size)
+            if method == "pick_port":
+                return [12345]
+            if method == "setup":
+                self.step = kwargs["resume_step"]
+                self._fail_if_scripted(-1)  # -1: fail while starting up
+                return [{"rank": r, "step": self.step, "params": 1, "load_s": 0.0} for r in ranks]
+            if method == "run_steps":
+                self._fail_if_scripted(self.step + 1)
+                self.step += 1
+                report = {"step": self.step, "loss": 10.0 / self.step, "lr": 1e-3, "grad_norm": 1.0,
+                          "samples": self.step * TRAIN.global_batch}
+                return [[report] for _ in ranks]
+            if method == "save":
+                self.committed.append(kwargs["step"])
+                log.append(("save", self.attempt, kwargs["step"]))
+                return [None for _ in ranks]
+            if method in ("committed", "wait_save"):
+                done, self.committed = self.committed, []
+                return [{"committed": done if r == 0 else [], "failed": []} for r in ranks]
+            raise AssertionError(method)
+
+        def shutdown(self, *, graceful: bool) -> None:
+            log.append(("shutdown", self.attempt))
+
+    return FakeGroup
+
+
+def local_farm(spares: int = 0) -> Farm:
+    raw = yaml.safe_load((ROOT / "topologies" / "local-farm.yaml").read_text())
+    raw["pools"][0]["spares"] = spares
+    return load_farm(raw)
+
+
+def make(tmp_path: Path, *, script: dict[tuple[int, int], tuple[str, str]], spares: int = 0,
+         policy: Any = None) -> tuple[Controller, Cluster, list[Any]]:
+    farm = local_farm(spares)
+    plan = make_plan(model=TINY, train=TRAIN, parallel=DP_ONLY, farm=farm)
+    parts = RunParts(farm=farm, plan=plan, model=TINY, train=TRAIN, parallel=DP_ONLY, data=DataConfig(),
+                     checkpoint=CheckpointConfig(every=5), run=RunConfig(dir=str(tmp_path)), run_dir=tmp_path,
+                     vocab_size=4096, decay_steps=20, precision="fp32")
+    tracker = Tracker(TrackingConfig(wandb=False, console=False), run_dir=tmp_path, run_name="t", config={},
+                      total_steps=TRAIN.steps, start_step=0)
+    cluster = Cluster([n.id for n in (*farm.nodes, *farm.spares)])
+    log: list[Any] = []
+    controller = Controller(parts, tracker=tracker, policy=policy or ElasticPolicy())
+    controller.worker_group_cls = fake_group(script, cluster, log)
+    controller.cluster_nodes = cluster
+    # The checkpoints the fake group committed are the restore points.
+    controller._restore_point = lambda: (  # type: ignore[method-assign]
+        (str(tmp_path / f"step-{controller.last_checkpoint}"), controller.last_checkpoint)
+        if controller.last_checkpoint is not None else (None, 0))
+    return controller, cluster, log
+
+
+def events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in read_events(run_dir) if e["event"] == kind]
+
+
+def test_a_lost_node_is_replanned_away_and_the_run_ends_with_every_step_once(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={(0, 7): ("node-1", "node_lost")})
+    finished = controller.run(resume_path=None, resume_step=0)
+    assert (finished.step, finished.reason) == (20, "done")
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert groups[0][1:4] == (0, 6, 1) and groups[1][1:4] == (1, 4, 3)  # dp6 -> dp4, grad_accum 1 -> 3
+    assert "node-1" not in groups[1][4]
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 21))  # steps 6, 7 redone and logged once
+    assert rows[5]["layout"] == {"dp": 4, "tp": 1, "pp": 1} and rows[4]["layout"]["dp"] == 6
+    (decision,) = [e for e in events(tmp_path, "decision")]
+    assert decision["decision"] == "shrink"
+    (restore,) = events(tmp_path, "restore")
+    assert restore["step"] == 5 and restore["source"] == "disk"
+    (recovery,) = events(tmp_path, "recovery")
+    assert recovery["lost_steps"] == 1 and recovery["layout"] == {"dp": 4, "tp": 1, "pp": 1}
+    assert {"mttr_s", "detect_s", "replan_s", "restart_s", "restore_s", "redo_s"} <= set(recovery)
+    assert "node-1 node_lost at step 6" in recovery["message"]
+
+
+def test_a_spare_takes_the_lost_nodes_place_and_the_layout_stays(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={(0, 4): ("node-2", "node_lost")}, spares=1)
+    controller.run(resume_path=None, resume_step=0)
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert groups[1][1:5] == (1, 6, 1, ["node-0", "node-1", "node-3"])
+    assert events(tmp_path, "decision")[0]["decision"] == "replace_with_spare"
+    assert events(tmp_path, "restore")[0]["source"] == "none"  # no checkpoint before step 4: from step 0
+
+
+def test_a_node_that_comes_back_is_taken_in_at_the_next_checkpoint_boundary(tmp_path: Path) -> None:
+    controller, cluster, log = make(tmp_path, script={(0, 3): ("node-1", "node_lost")})
+    original = controller.worker_group_cls
+
+    class Returning(original):  # type: ignore[misc, valid-type]
+        def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+            if method == "run_steps" and self.attempt == 1 and self.step == 7:
+                cluster.up.add("node-1")  # repaired while step 8 trains
+            return super().call(method, *args, **kwargs)
+
+    controller.worker_group_cls = Returning
+    assert controller.run(resume_path=None, resume_step=0).step == 20
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert [g[2] for g in groups] == [6, 4, 6]
+    (rejoin,) = events(tmp_path, "rejoin")
+    assert rejoin["step"] == 10 and rejoin["nodes"] == ["node-1"]
+    assert [e["decision"] for e in events(tmp_path, "decision")] == ["shrink", "grow"]
+    assert ("save", 1, 10) in log  # the boundary's checkpoint is written before the group goes
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 21))
+    assert read_metrics(tmp_path)[10]["layout"]["dp"] == 6
+
+
+def test_a_worker_that_dies_twice_on_one_node_gets_the_node_excluded(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={(0, 2): ("node-0", "died"), (1, 1): ("node-0", "died")})
+    controller.run(resume_path=None, resume_step=0)
+    assert [e["decision"] for e in events(tmp_path, "decision")] == ["restart", "shrink"]
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert [g[2] for g in groups] == [6, 6, 4] and "node-0" not in groups[2][4]
+
+
+def test_a_second_node_lost_while_the_recovery_starts_leads_to_a_new_decision(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={(0, 6): ("node-1", "node_lost"), (1, -1): ("node-2", "node_lost")})
+    controller.run(resume_path=None, resume_step=0)
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert [g[2] for g in groups] == [6, 4, 2]
+    assert [e["decision"] for e in events(tmp_path, "decision")] == ["shrink", "shrink"]
+
+
+def test_losing_every_node_stops_with_the_newest_checkpoint_named(tmp_path: Path) -> None:
+    script = {(0, 7): ("node-1", "node_lost"), (1, 7): ("node-2", "node_lost"), (2, 7): ("node-0", "node_lost")}
+    controller, _, _ = make(tmp_path, script=script)
+    with pytest.raises(WorkerFailure, match=r"0 device\(s\) left.*resume from checkpoint step 5"):
+        controller.run(resume_path=None, resume_step=0)
+    assert events(tmp_path, "decision")[-1]["decision"] == "abort"
+
+
+def test_the_abort_policy_ends_the_run_at_the_first_fault(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={(0, 3): ("node-1", "node_lost")}, policy=AbortPolicy())
+    with pytest.raises(WorkerFailure, match="re-run the same command"):
+        controller.run(resume_path=None, resume_step=0)
+    assert [entry for entry in log if entry[0] == "group"] == [("group", 0, 6, 1, ["node-0", "node-1", "node-2"])]
+    assert dataclasses.asdict(controller.attempt.plan)["dp"] == 6
