@@ -92,7 +92,7 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
             "pass run.ray_address=auto, or use a topology with emulate: cpu"
         )
     cpus = os.cpu_count() or 1
-    if len(farm.nodes) == 1:
+    if len(farm.nodes) == 1 and not farm.spares:
         resources = dict(farm.node_resources(farm.nodes[0]))
         # Ray counts GPUs itself and takes them as num_gpus, never among the custom resources.
         gpus = resources.pop("GPU", None)
@@ -128,7 +128,7 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1",
                                                               "include_dashboard": False,
                                                               "_system_config": dict(EMULATED_HEALTH_CHECK)})
-    for node in farm.nodes:
+    for node in (*farm.nodes, *farm.spares):  # spares are up and idle, ready to take a lost node's place
         cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node), node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()
     # The driver joins as a loopback node too, or it looks for a raylet on the host's address.

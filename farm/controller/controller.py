@@ -195,6 +195,7 @@ class Controller:
             master_addr=master, master_port=port, plan=attempt.plan.to_json(), model=p.model, train=p.train,
             data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
             resume=state.resume_path, resume_step=state.step, attempt=attempt.nonce,
+            collective_timeout_s=p.run.step_timeout_s,
         )
         self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"], attempt=attempt.number,
                            pids=[i["pid"] for i in self.group.infos],

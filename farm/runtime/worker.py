@@ -7,6 +7,7 @@ is one call from the driver, so the driver always knows which step every worker 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
 import os
@@ -140,8 +141,9 @@ class _Ledger:
     """Appends what a DP rank trained on, one JSON line per step: global positions in the sample
     order and the sample ids at those positions."""
 
-    def __init__(self, run_dir: str, layout: Any) -> None:
+    def __init__(self, run_dir: str, layout: Any, attempt: str) -> None:
         path = Path(run_dir) / "ledger"
+        self.attempt = attempt
         path.mkdir(parents=True, exist_ok=True)
         self.file = open(path / f"dp-{layout.dp_rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115 - worker lifetime
         self.layout = layout
@@ -157,7 +159,10 @@ class _Ledger:
     def commit(self, step: int) -> None:
         import json
 
-        row = {"step": step, "dp_rank": self.layout.dp_rank, "positions": self.positions, "samples": self.samples}
+        # A step redone after a recovery is written again by the new attempt; readers keep, per step,
+        # the attempt that wrote it last (farm.data.ledger.read_ledger).
+        row = {"step": step, "dp_rank": self.layout.dp_rank, "attempt": self.attempt, "time": time.time(),
+               "positions": self.positions, "samples": self.samples}
         self.file.write(json.dumps(row) + "\n")
         self.positions, self.samples = [], []
 
@@ -195,7 +200,8 @@ class Worker:
     @_logged
     def setup(self, *, master_addr: str, master_port: int, plan: dict[str, Any], model: ModelConfig,
               train: TrainConfig, data: DataConfig, vocab_size: int, decay_steps: int, precision: str,
-              resume: str | None, resume_step: int, attempt: str) -> dict[str, Any]:
+              resume: str | None, resume_step: int, attempt: str,
+              collective_timeout_s: float = 1800.0) -> dict[str, Any]:
         """Join the process group, derive the layout's groups, build the engine, load a checkpoint,
         open the data stream."""
         from farm.data import ArrowShardSource, BatchLayout, GlobalOrder, MicroBatchStream, load_manifest
@@ -211,8 +217,11 @@ class Worker:
         if spec.torch_device != "cpu":
             # Ray shows each worker only its own device, as index 0.
             getattr(torch, spec.torch_device).set_device(0)
+        # A collective with a dead or stopped peer fails after the step timeout, not torch's default
+        # 30 minutes, so a survivor is never stuck in one while the controller recovers.
         dist.init_process_group(spec.backend, init_method=f"tcp://{master_addr}:{master_port}",
-                                rank=spec.rank, world_size=spec.world_size)
+                                rank=spec.rank, world_size=spec.world_size,
+                                timeout=datetime.timedelta(seconds=collective_timeout_s))
         layout = Plan.from_json(plan)
         self.ctx = build_context(layout, spec.rank)
         if layout.activation_checkpointing and not model.activation_checkpointing:
@@ -223,8 +232,11 @@ class Worker:
             grad_accum=layout.grad_accum, zero_stage=layout.zero_stage, precision=precision,
             decay_steps=decay_steps, device=torch.device(spec.torch_device),
         )
+        load_s = 0.0
         if resume is not None:
+            began = time.perf_counter()
             self._load(resume, resume_step)
+            load_s = time.perf_counter() - began
         manifest = load_manifest(data.dir, verify=False)
         batches = BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
                               dp_size=self.ctx.dp, dp_rank=self.ctx.dp_rank)
@@ -235,9 +247,10 @@ class Worker:
         )
         self._iter = iter(self.stream)
         if data.ledger and self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
-            self.ledger = _Ledger(spec.run_dir, batches)
+            self.ledger = _Ledger(spec.run_dir, batches, attempt)
             self._iter = self.ledger.wrap(self._iter)
         return {"rank": spec.rank, "step": self.engine.step, "params": self.engine.module.num_params(),
+                "load_s": load_s,
                 "stage": self.ctx.pp_rank, "layers": [self.ctx.layers.start, self.ctx.layers.stop]}
 
     def _load(self, path: str, step: int) -> None:
