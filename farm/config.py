@@ -205,7 +205,12 @@ class RunConfig:
     startup_timeout_s: float = 180.0
     """Fail if the workers are not up (placement and process groups) within this time."""
     step_timeout_s: float = 300.0
-    """Fail if one optimizer step takes longer than this (a hung collective)."""
+    """A step that takes longer than this is a fault (a hang). Once a few steps are timed the limit
+    tightens to step_timeout_factor x their median, never below step_timeout_floor_s."""
+    step_timeout_factor: float = 10.0
+    """The measured step timeout as a multiple of the median step time; 0 keeps step_timeout_s."""
+    step_timeout_floor_s: float = 30.0
+    """The measured step timeout is never shorter than this."""
     stop_after_step: int | None = None
     """Stop cleanly (with a checkpoint) after this step; used to test resume and preemption."""
     failure_policy: str = "abort"

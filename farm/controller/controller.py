@@ -45,6 +45,7 @@ from farm.controller.states import (
     State,
     Training,
 )
+from farm.controller.timeouts import StepTimeout
 from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
 from farm.errors import (
     CheckpointError,
@@ -89,6 +90,8 @@ class Controller:
         self.clock: RecoveryClock | None = None
         """The recovery under way, until training is past the step it had reached."""
         self.step_done_at = time.monotonic()
+        self.step_timeout = StepTimeout(parts.run.step_timeout_s, factor=parts.run.step_timeout_factor,
+                                        floor_s=parts.run.step_timeout_floor_s)
         self.saves = SaveHistory(parts.checkpoint, last_valid=None, now=time.monotonic())
         self.saving = False
         """A save is in flight: poll the workers for its outcome after each step."""
@@ -204,6 +207,7 @@ class Controller:
             self.tracker.event("resume", step=state.step, checkpoint=state.resume_path)
         self.step = state.step
         self.step_done_at = time.monotonic()
+        self.step_timeout.new_attempt()
         if self.clock is not None:
             self._restored(state, setups)
         self.saves.saved_at = time.monotonic()  # unsaved time counts from the start of training
@@ -214,9 +218,10 @@ class Controller:
         if reason is not None:
             return Finishing(step=state.step, reason=reason)
         started = time.perf_counter()
-        reports = self.group.call("run_steps", 1, timeout=self.p.run.step_timeout_s,
+        reports = self.group.call("run_steps", 1, timeout=self.step_timeout.seconds,
                                   what=f"step {state.step + 1}")
         elapsed = time.perf_counter() - started
+        self.step_timeout.observe(elapsed)
         report = reports[self.attempt.reporter][-1]
         self._log_step(report, elapsed)
         step = self.step = int(report["step"])

@@ -147,3 +147,23 @@ def test_the_registry_builds_policies_by_name_and_refuses_unknown_names() -> Non
         make_policy("retry")
     _, ctx = setup()
     assert isinstance(AbortPolicy().decide(lost(), ctx), Abort)
+
+
+def test_the_step_timeout_follows_the_measured_step_time_within_its_floor_and_ceiling() -> None:
+    from farm.controller.timeouts import StepTimeout
+
+    timeout = StepTimeout(300.0, factor=10.0, floor_s=30.0)
+    for _ in range(4):
+        timeout.observe(0.5)
+    assert timeout.seconds == 300.0  # not enough steps timed yet
+    timeout.observe(0.5)
+    assert timeout.seconds == 30.0  # 10 x 0.5 s is below the floor
+    for _ in range(20):
+        timeout.observe(12.0)
+    assert timeout.seconds == 120.0
+    for _ in range(20):
+        timeout.observe(60.0)
+    assert timeout.seconds == 300.0  # never past the configured ceiling
+    timeout.new_attempt()
+    assert timeout.seconds == 300.0
+    assert StepTimeout(300.0, factor=0).seconds == 300.0
