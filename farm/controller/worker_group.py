@@ -16,7 +16,7 @@ from typing import Any
 from farm.controller.decisions import WorkerFault
 from farm.errors import FarmError, StartupFailure, StartupTimeout, WorkerFailure
 from farm.plan import Plan
-from farm.runtime.worker import Worker, WorkerSpec
+from farm.runtime.worker import Worker, WorkerSpec, heartbeat_path
 from farm.topology import AcceleratorSpec, Farm
 
 
@@ -68,7 +68,7 @@ class WorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.plan = plan
+        self.plan, self.run_dir = plan, run_dir
         nodes = list(dict.fromkeys(r.node for r in plan.ranks))
         by_id = {n.id: n for n in farm.nodes}
         self.node_of = {r.rank: r.node for r in plan.ranks}
@@ -124,11 +124,15 @@ class WorkerGroup:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 late = sorted(refs[p] for p in pending)
-                fault = WorkerFault(rank=late[0], node=self.node_of[late[0]], kind="timeout",
-                                    detail=f"no answer within {timeout:.0f}s")
+                frozen = self._frozen(late)
+                blamed = (frozen or late)[0]
+                why = (f"rank(s) {frozen} stopped (no heartbeat); {_ranks(late)} waited on them" if frozen
+                       else f"{_ranks(late)} gave no answer (a hung collective or a stalled node)")
+                fault = WorkerFault(rank=blamed, node=self.node_of[blamed], kind="timeout",
+                                    detail=f"no answer within {timeout:.0f}s" + (", no heartbeat" if frozen else ""))
                 error = StartupTimedOut if startup else WorkerFailed
-                raise self._error(error, f"{what}: rank(s) {late} gave no answer within {timeout:.0f}s "
-                                  "(a hung collective or a stalled node)", fault)
+                raise self._error(error, f"{what}: {why} within {timeout:.0f}s; blamed rank {blamed} on node "
+                                  f"{fault.node}", fault)
             rank = refs[ready[0]]
             node = self.node_of[rank]
             try:
@@ -156,6 +160,18 @@ class WorkerGroup:
             except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
                 continue
         return [results[r] for r in sorted(results)]
+
+    def _frozen(self, ranks: list[int], stale_s: float = 5.0) -> list[int]:
+        """Those of ``ranks`` whose heartbeat stopped: the process is stopped or frozen, not waiting."""
+        now = time.time()
+        frozen = []
+        for rank in ranks:
+            try:
+                if now - heartbeat_path(self.run_dir, rank).stat().st_mtime > stale_s:
+                    frozen.append(rank)
+            except OSError:
+                continue
+        return frozen
 
     def _find_lost(self, pending: list[Any], refs: dict[Any, int], timeout: float = 20.0) -> WorkerFault | None:
         """A worker whose node Ray reports dead, or whose part of the same call ended with the
@@ -231,3 +247,7 @@ def _first_line(err: BaseException) -> str:
     if chosen:  # its first sentence: the rest (exit type, common causes) is in logs/ray.log
         return chosen[0].split(". ")[0].rstrip(".")[:300]
     return text[0][:300] if text else type(err).__name__
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}"

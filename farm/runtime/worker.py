@@ -6,6 +6,7 @@ is one call from the driver, so the driver always knows which step every worker 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -120,6 +121,29 @@ def fate_share_with_raylet(poll_s: float = 0.2) -> None:
     threading.Thread(target=watch, name="raylet-watch", daemon=True).start()
 
 
+HEARTBEAT_DIR = Path("logs") / "heartbeat"
+"""Under the run directory: one file per rank whose modification time a thread renews every second."""
+
+
+def heartbeat_path(run_dir: str | Path, rank: int) -> Path:
+    return Path(run_dir) / HEARTBEAT_DIR / f"rank-{rank:05d}"
+
+
+def start_heartbeat(run_dir: str, rank: int, period_s: float = 1.0) -> None:
+    """Tell a stopped or frozen process (SIGSTOP, a machine that hangs) from one waiting in a
+    collective: the waiting one's thread keeps beating, the frozen one's does not."""
+    path = heartbeat_path(run_dir, rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(OSError):  # a full or vanished run dir must not kill training
+                path.touch()
+            time.sleep(period_s)
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+
+
 def import_device_module(name: str | None) -> None:
     """Import the torch extension of a device kind (e.g. torch_npu), only where that kind runs."""
     if name is None:
@@ -173,6 +197,7 @@ class Worker:
         self._stamp = _redirect_logs(spec.run_dir, spec.rank)
         log.info("worker pid %d on %s (world %d)", os.getpid(), socket.gethostname(), spec.world_size)
         fate_share_with_raylet()
+        start_heartbeat(spec.run_dir, spec.rank)
         os.environ["DS_ACCELERATOR"] = spec.ds_accelerator
         try:
             import_device_module(spec.torch_module)

@@ -138,3 +138,31 @@ def test_a_spare_takes_the_lost_nodes_place_and_the_curve_is_unchanged(tiny_data
     assert "node-3" in workers[-1]["nodes"] and "node-2" not in workers[-1]["nodes"]
     assert_same_samples(run_dir, uninterrupted)
     np.testing.assert_allclose(losses(run_dir), losses(uninterrupted), rtol=1e-6)
+
+
+def test_a_stopped_worker_is_found_and_named_and_the_run_restarts_around_it(tiny_data: Path, uninterrupted: Path,
+                                                                           tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # The measured step timeout: 10x a tiny model's step is under a second, so the floor (5 s) rules.
+    proc = subprocess.Popen(command(run_dir, tiny_data, "run.step_timeout_floor_s=5"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run_dir, proc, 7)
+        workers = [e for e in read_events(run_dir) if e["event"] == "workers"][-1]
+        rank = 3
+        victim, node = workers["pids"][rank], workers["nodes"][rank]
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.time()
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    failure = next(e for e in read_events(run_dir) if e["event"] == "failure")
+    assert failure["fault"] == "timeout" and failure["rank"] == rank and failure["node"] == node, failure
+    assert "no heartbeat" in failure["detail"]
+    assert failure["unix"] - stopped < 5 + 5, "found within the step timeout + 5 s"
+    decision = next(e for e in read_events(run_dir) if e["event"] == "decision")
+    assert decision["decision"] == "restart"
+    assert_same_samples(run_dir, uninterrupted)
+    np.testing.assert_allclose(losses(run_dir), losses(uninterrupted), rtol=1e-6)
