@@ -337,12 +337,12 @@ class Controller:
         return dataclasses.replace(context, **changes)
 
     def _recover(self, state: Recovering) -> State:
-        self._drop_group()  # phase 1: every actor goes; the next attempt starts its own
         fault = state.fault
         self.failures += 1
         self.node_faults[fault.node] += 1
         self.tracker.event("failure", step=state.step, rank=fault.rank, node=fault.node, fault=fault.kind,
                            detail=fault.detail, attempt=self.attempt.number)
+        self._drop_group()  # phase 1: every actor goes; the next attempt starts its own
         decision = self._decide(fault, step=state.step)
         if isinstance(decision, Abort):
             return Failed(step=state.step, error=WorkerFailure(f"{state.message} at step {state.step + 1}. "

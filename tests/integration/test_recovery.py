@@ -153,7 +153,7 @@ def test_a_stopped_worker_is_found_and_named_and_the_run_restarts_around_it(tiny
         victim, node = workers["pids"][rank], workers["nodes"][rank]
         os.kill(victim, signal.SIGSTOP)
         stopped = time.time()
-        out, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
