@@ -49,8 +49,7 @@ def run(argv: list[str]) -> int:
         model=cfg.model, train=cfg.train, parallel=cfg.parallel, farm=farm, top_k=top, check_memory=check
     )
     if output == "json":
-        json.dump(to_json(plans), sys.stdout)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(to_json(plans)) + "\n")  # dumps: the C encoder (131k ranks)
         return 0
     params = ModelShape.from_config(cfg.model).num_params
     console = Console(width=160)
