@@ -12,6 +12,7 @@ from farm.controller.worker_group import _first_line
 def test_rays_driver_messages_and_logger_go_to_the_log_until_restored(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     import ray._private.worker as ray_worker
 
+    restore_ray_messages()  # a controller run earlier in this process may have left its route in place
     original = ray_worker.print_to_stdstream
     log = tmp_path / "logs" / "ray.log"
     route_ray_messages(log)
