@@ -52,7 +52,10 @@ def replan(
     try:
         new = make_plan(parallel=kept, **kwargs)  # type: ignore[arg-type]
     except PlanError:
-        free = ParallelConfig(dp="auto", tp="auto", pp="auto", zero_stage="auto", micro_batch="auto")
+        # Every degree re-chosen; what the runtime can run (parallel.runtime) still holds.
+        free = dataclasses.replace(parallel, dp="auto", tp="auto", pp="auto", zero_stage="auto",
+                                   micro_batch="auto", virtual_stages="auto", sequence_parallel="auto",
+                                   recompute="auto")
         new = make_plan(parallel=free, **kwargs)  # type: ignore[arg-type]
         relaxed = True
     why = (f"after losing {len(lost)} node(s) ({_short(lost)})" if lost
