@@ -161,8 +161,9 @@ class WorkerGroup:
                 continue
         return [results[r] for r in sorted(results)]
 
-    def _frozen(self, ranks: list[int], stale_s: float = 5.0) -> list[int]:
-        """Those of ``ranks`` whose heartbeat stopped: the process is stopped or frozen, not waiting."""
+    def _frozen(self, ranks: list[int], stale_s: float = 3.0) -> list[int]:
+        """Those of ``ranks`` whose heartbeat stopped: the process is stopped or frozen, not waiting.
+        Heartbeats come every second; three missed ones are a stop, not a slow thread."""
         now = time.time()
         frozen = []
         for rank in ranks:
