@@ -213,7 +213,7 @@ class RunConfig:
     """The measured step timeout is never shorter than this."""
     stop_after_step: int | None = None
     """Stop cleanly (with a checkpoint) after this step; used to test resume and preemption."""
-    failure_policy: str = "abort"
+    failure_policy: str = "replan"
     """What a fault leads to: 'replan' (restart, spares, re-plan on the survivors, grow back),
     'restart' (spares or wait for the repair, never smaller) or 'abort' (stop; re-run to resume)."""
     max_failures: int = 10
@@ -223,7 +223,11 @@ class RunConfig:
     rejoin_wait_s: float = 0.0
     """Wait this long for a lost node to come back before re-planning without it."""
     exclude_stragglers: bool = False
-    """Treat a node that stays slower than the others as lost."""
+    """Treat a node that stays slower than the others as lost (otherwise a straggler event only)."""
+    straggler_factor: float = 1.5
+    """A rank whose forward compute takes more than this times its stage's median is slow..."""
+    straggler_steps: int = 20
+    """...and a straggler once it stays slow for this many steps in a row."""
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,19 @@ def _validate_train(t: TrainConfig) -> None:
     _positive(t.log_every, "train.log_every")
 
 
+def _validate_run(r: RunConfig) -> None:
+    """The failure limits, each named: a bad one would only show at the first fault."""
+    if r.straggler_factor <= 1:
+        raise ConfigError(f"run.straggler_factor: must be above 1 (a multiple of the median), got {r.straggler_factor}")
+    _positive(r.straggler_steps, "run.straggler_steps")
+    _positive(r.min_devices, "run.min_devices")
+    for name in ("max_failures", "rejoin_wait_s", "step_timeout_factor"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"run.{name}: must be >= 0, got {getattr(r, name)}")
+    _positive(r.step_timeout_s, "run.step_timeout_s")
+    _positive(r.step_timeout_floor_s, "run.step_timeout_floor_s")
+
+
 def validate(cfg: FarmConfig) -> None:
     """Checks that need no other component: each names the field and says what to change."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -386,6 +403,7 @@ def validate(cfg: FarmConfig) -> None:
             f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}"
         )
     _validate_train(t)
+    _validate_run(cfg.run)
     if t.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={t.precision!r}: use auto, fp32, bf16 or fp16")
     for name in ("dp", "tp", "pp", "zero_stage", "micro_batch", "virtual_stages"):

@@ -45,6 +45,7 @@ from farm.controller.states import (
     State,
     Training,
 )
+from farm.controller.stragglers import StragglerWatch
 from farm.controller.timeouts import StepTimeout
 from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
 from farm.errors import (
@@ -90,6 +91,7 @@ class Controller:
         self.clock: RecoveryClock | None = None
         """The recovery under way, until training is past the step it had reached."""
         self.step_done_at = time.monotonic()
+        self.stragglers = StragglerWatch(nodes=(), stages=())
         self.step_timeout = StepTimeout(parts.run.step_timeout_s, factor=parts.run.step_timeout_factor,
                                         floor_s=parts.run.step_timeout_floor_s)
         self.saves = SaveHistory(parts.checkpoint, last_valid=None, now=time.monotonic())
@@ -208,6 +210,9 @@ class Controller:
         self.step = state.step
         self.step_done_at = time.monotonic()
         self.step_timeout.new_attempt()
+        ranks = sorted(attempt.plan.ranks, key=lambda r: r.rank)
+        self.stragglers = StragglerWatch(nodes=[r.node for r in ranks], stages=[r.pp_rank for r in ranks],
+                                         factor=p.run.straggler_factor, steps=p.run.straggler_steps)
         if self.clock is not None:
             self._restored(state, setups)
         self.saves.saved_at = time.monotonic()  # unsaved time counts from the start of training
@@ -229,6 +234,9 @@ class Controller:
         self.node_faults.clear()  # a good step: earlier faults are no longer "in a row"
         if self.clock is not None and step > self.clock.reached:
             self._recovered(step)
+        straggler = self._stragglers(reports, step)
+        if straggler is not None:
+            return straggler
         if self.saving:
             self._note_commits(self.group.call("committed", timeout=60, what="checkpoint status"))
         stop = self.saves.over_limit(now=time.monotonic())  # None at once while saves succeed
@@ -240,6 +248,20 @@ class Controller:
         if self.should_checkpoint(step):
             self._save(step)
         return Training(step=step)
+
+    def _stragglers(self, reports: list[list[dict[str, Any]]], step: int) -> State | None:
+        """Report ranks whose own compute stays slow; with run.exclude_stragglers, fault their node."""
+        for slow in self.stragglers.observe([float(r[-1].get("compute_s", 0.0)) for r in reports]):
+            self.tracker.event("straggler", step=step, rank=slow.rank, node=slow.node, slowdown=slow.slowdown,
+                               steps=slow.steps)
+            fault = WorkerFault(rank=slow.rank, node=slow.node, kind="straggler",
+                                detail=f"rank {slow.rank} computes {slow.slowdown}x slower than its peers' median "
+                                       f"for {slow.steps} steps")
+            if self.p.run.exclude_stragglers:
+                # Before this step's checkpoint gate: the newest valid checkpoint is restored, as
+                # for any other fault, and the policy decides what replaces the node.
+                return self._on_fault(fault, f"node {slow.node} is a straggler")
+        return None
 
     def _log_step(self, report: dict[str, Any], elapsed: float) -> None:
         p = self.p

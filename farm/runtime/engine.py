@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ class StepResult:
     lr: float
     samples: int
     """Cumulative samples consumed after this step (step * global_batch)."""
+    compute_s: float = 0.0
+    """This rank's time in forward passes this step: its own speed, before it waits on DP peers in the
+    gradient reduction (TP collectives inside the forward still count). Stragglers show here."""
 
 
 def lr_at(step: int, *, train: TrainConfig, decay_steps: int) -> float:
@@ -95,6 +99,7 @@ class TrainEngine:
         zero_stage = zero_stage if ctx.dp > 1 else 0
         self.zero_stage, self.decay_steps, self.device = zero_stage, decay_steps, device
         self._norm = float("nan")
+        self._compute_s = 0.0
         module = GPT(model, vocab_size=vocab_size, tp_group=ctx.tp_group if ctx.tp > 1 else None,
                      layers=ctx.layers, first=ctx.first_stage, last=ctx.last_stage, init_seed=train.seed).to(device)
         self.specs: dict[str, ShardSpec] = shard_specs(module)
@@ -159,6 +164,7 @@ class TrainEngine:
         step = self.step
         lr = self._set_lr(step)
         micro = [next(batches) for _ in range(self.grad_accum)]
+        self._compute_s = 0.0
         if any(mb.step != step for mb in micro):
             raise RuntimeError(f"data stream is at step {micro[0].step}, engine at step {step}")
         if self.ctx.pp == 1:
@@ -177,14 +183,16 @@ class TrainEngine:
         norm = self.engine.get_global_grad_norm() if self.zero_stage else self._norm
         self.step = step + 1
         return StepResult(step=self.step, loss=mean, grad_norm=float(norm) if norm is not None else float("nan"),
-                          lr=lr, samples=self.step * self.train.global_batch)
+                          lr=lr, samples=self.step * self.train.global_batch, compute_s=self._compute_s)
 
     def _accumulate(self, micro: list[MicroBatch], step: int) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64)
         for mb in micro:
             self._seed(step, mb.micro)
             tokens = torch.from_numpy(mb.tokens).to(self.device)
+            began = time.perf_counter()
             loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            self._compute_s += time.perf_counter() - began
             self.engine.backward(loss)
             if mb is micro[-1] and self.zero_stage == 0:
                 self._clip()  # gradients are reduced over DP by now; the update comes next
@@ -225,7 +233,10 @@ class TrainEngine:
 
         def stage_fn(x: torch.Tensor, *, micro: int, targets: torch.Tensor | None) -> torch.Tensor:
             self._seed(step, micro)
-            return module(x, targets)  # type: ignore[no-any-return]
+            began = time.perf_counter()
+            out = module(x, targets)
+            self._compute_s += time.perf_counter() - began
+            return out  # type: ignore[no-any-return]
 
         losses = run_pipeline_step(stage=stage, stage_fn=stage_fn, get_micro=get_micro,
                                    micro_batches=self.grad_accum, loss_scale=1.0 / self.grad_accum)

@@ -52,8 +52,10 @@ class Cluster:
         return [{"Alive": True, "Resources": {f"farm_node:{n}": 1.0}} for n in sorted(self.up)]
 
 
-def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster, log: list[Any]) -> type:
-    """A WorkerGroup stand-in; ``script[(attempt, step)] = (node, kind)`` fails that step there."""
+def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster, log: list[Any],
+               slow: dict[str, float] | None = None) -> type:
+    """A WorkerGroup stand-in; ``script[(attempt, step)] = (node, kind)`` fails that step there;
+    ranks on a node of ``slow`` report that many times the others' compute time."""
 
     class FakeGroup:
         made = 0
@@ -88,7 +90,8 @@ def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster,
                 self.step += 1
                 report = {"step": self.step, "loss": 10.0 / self.step, "lr": 1e-3, "grad_norm": 1.0,
                           "samples": self.step * TRAIN.global_batch}
-                return [[report] for _ in ranks]
+                return [[{**report, "compute_s": 0.01 * (slow or {}).get(r.node, 1.0)}]
+                        for r in sorted(self.plan.ranks, key=lambda r: r.rank)]
             if method == "save":
                 self.committed.append(kwargs["step"])
                 log.append(("save", self.attempt, kwargs["step"]))
@@ -111,18 +114,19 @@ def local_farm(spares: int = 0) -> Farm:
 
 
 def make(tmp_path: Path, *, script: dict[tuple[int, int], tuple[str, str]], spares: int = 0,
-         policy: Any = None) -> tuple[Controller, Cluster, list[Any]]:
+         policy: Any = None, slow: dict[str, float] | None = None,
+         run: RunConfig | None = None) -> tuple[Controller, Cluster, list[Any]]:
     farm = local_farm(spares)
     plan = make_plan(model=TINY, train=TRAIN, parallel=DP_ONLY, farm=farm)
     parts = RunParts(farm=farm, plan=plan, model=TINY, train=TRAIN, parallel=DP_ONLY, data=DataConfig(),
-                     checkpoint=CheckpointConfig(every=5), run=RunConfig(dir=str(tmp_path)), run_dir=tmp_path,
+                     checkpoint=CheckpointConfig(every=5), run=run or RunConfig(dir=str(tmp_path)), run_dir=tmp_path,
                      vocab_size=4096, decay_steps=20, precision="fp32")
     tracker = Tracker(TrackingConfig(wandb=False, console=False), run_dir=tmp_path, run_name="t", config={},
                       total_steps=TRAIN.steps, start_step=0)
     cluster = Cluster([n.id for n in (*farm.nodes, *farm.spares)])
     log: list[Any] = []
     controller = Controller(parts, tracker=tracker, policy=policy or ElasticPolicy())
-    controller.worker_group_cls = fake_group(script, cluster, log)
+    controller.worker_group_cls = fake_group(script, cluster, log, slow)
     controller.cluster_nodes = cluster
     # The checkpoints the fake group committed are the restore points.
     controller._restore_point = lambda: (  # type: ignore[method-assign]
@@ -216,3 +220,28 @@ def test_the_abort_policy_ends_the_run_at_the_first_fault(tmp_path: Path) -> Non
         controller.run(resume_path=None, resume_step=0)
     assert [entry for entry in log if entry[0] == "group"] == [("group", 0, 6, 1, ["node-0", "node-1", "node-2"])]
     assert dataclasses.asdict(controller.attempt.plan)["dp"] == 6
+
+
+def test_a_straggler_is_reported_once_and_kept_by_default(tmp_path: Path) -> None:
+    run = RunConfig(dir=str(tmp_path), straggler_steps=6)
+    controller, _, log = make(tmp_path, script={}, slow={"node-2": 2.0}, run=run)
+    finished = controller.run(resume_path=None, resume_step=0)
+    assert finished.step == 20
+    found = events(tmp_path, "straggler")
+    assert len(found) == 2, "one event per slow rank (node-2 has two), once each"
+    assert {e["node"] for e in found} == {"node-2"} and all(e["step"] == 6 and e["slowdown"] == 2.0 for e in found)
+    assert not events(tmp_path, "failure") and [entry[0] for entry in log].count("group") == 1
+
+
+def test_an_excluded_straggler_is_replanned_away(tmp_path: Path) -> None:
+    run = RunConfig(dir=str(tmp_path), straggler_steps=6, exclude_stragglers=True)
+    controller, _, log = make(tmp_path, script={}, slow={"node-2": 2.0}, run=run,
+                              policy=ElasticPolicy(exclude_stragglers=True))
+    finished = controller.run(resume_path=None, resume_step=0)
+    assert finished.step == 20
+    failure = events(tmp_path, "failure")[0]
+    assert failure["fault"] == "straggler" and failure["node"] == "node-2" and failure["step"] == 6
+    assert events(tmp_path, "decision")[0]["decision"] == "shrink"
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert groups[-1][4] == ["node-0", "node-1"], "node-2 is out of the layout"
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 21))
