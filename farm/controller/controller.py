@@ -411,6 +411,7 @@ class Controller:
             fault="rejoin" if fault is None else f"{fault.node} {fault.kind}", reached=step,
             detected_at=detected_at, detect_s=max(0.0, detected_at - self.step_done_at) if fault else 0.0,
             replan_s=replan_s, restored_step=from_step, decision=decision.kind, layout=attempt.layout,
+            change=_change_text(old, attempt, self.p.train.global_batch),
         )
         return Starting(attempt, path, from_step)
 
@@ -430,8 +431,13 @@ class Controller:
         clock.restore_s = max(float(s.get("load_s", 0.0)) for s in setups)
         clock.restart_s = max(0.0, now - clock.detected_at - clock.detect_s - clock.replan_s - clock.restore_s)
         clock.started_at = now
-        self.tracker.event("restore", step=state.step, source=clock.source if state.resume_path else "none",
-                           checkpoint=state.resume_path, restore_s=round(clock.restore_s, 3))
+        source = clock.source if state.resume_path else "none"
+        restored = (f"restored step {state.step} from {source} in {clock.restore_s:.1f} s" if state.resume_path
+                    else "no checkpoint yet: started again from step 0")
+        self.tracker.event("restore", step=state.step, source=source, checkpoint=state.resume_path,
+                           restore_s=round(clock.restore_s, 3),
+                           message=f"{clock.fault} at step {clock.reached}: {clock.decision} {clock.change}, "
+                                   f"{restored}, continuing")
 
     def _recovered(self, step: int) -> None:
         clock = self.clock
@@ -486,6 +492,18 @@ class Controller:
         if self.group is not None:
             self.group.shutdown(graceful=False)
             self.group = None
+
+
+def _change_text(old: Attempt, new: Attempt, global_batch: int) -> str:
+    """'dp6 -> dp4 (grad_accum 1 -> 3, global batch 24)': what a recovery did to the layout."""
+    def degrees(a: Attempt) -> str:
+        return " ".join(f"{k}{v}" for k, v in a.layout.items() if v > 1 or k == "dp")
+
+    before, after = degrees(old), degrees(new)
+    if before == after and old.plan.grad_accum == new.plan.grad_accum:
+        return f"on {before} (layout unchanged, global batch {global_batch})"
+    return (f"{before} -> {after} (grad_accum {old.plan.grad_accum} -> {new.plan.grad_accum}, "
+            f"global batch {global_batch})")
 
 
 def _step_text(step: int | None) -> str:

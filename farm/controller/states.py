@@ -119,3 +119,5 @@ class RecoveryClock:
     """time.monotonic() when the new attempt's workers were ready."""
     decision: str = ""
     layout: dict[str, int] = field(default_factory=dict)
+    change: str = ""
+    """The layout change in words, e.g. 'dp6 -> dp4 (grad_accum 1 -> 3, global batch 24)'."""

@@ -34,7 +34,7 @@ EVENT_KINDS = ("start", "workers", "resume", "plan", "checkpoint", "checkpoint_s
                "preempt", "end")
 """The kinds the controller logs; others are accepted, these are the ones readers look for."""
 _CONSOLE_EVENTS = {"failure": "bold red", "decision": "yellow", "recovery": "green", "preempt": "yellow",
-                   "rejoin": "green", "straggler": "yellow", "skip_batch": "yellow",
+                   "rejoin": "green", "straggler": "yellow", "skip_batch": "yellow", "restore": "green",
                    "checkpoint_failed": "bold red", "checkpoint_skipped": "yellow"}
 _RESERVED = ("time", "unix", "event")
 
@@ -120,7 +120,9 @@ class Tracker:
         if self.wandb is not None:
             self.wandb.log({f"events/{kind}": self._event_counts[kind]}, step=self._last_step)
         if kind in _CONSOLE_EVENTS:
-            detail = " ".join(f"{k}={_show(v)}" for k, v in fields.items() if k != "step")
+            # An event with a message says it in words; the others show their fields.
+            detail = str(fields["message"]) if "message" in fields else " ".join(
+                f"{k}={_show(v)}" for k, v in fields.items() if k != "step")
             self._display.message(f"[{kind}] step {record['step']}: {detail}", style=_CONSOLE_EVENTS[kind])
         return record
 

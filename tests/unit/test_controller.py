@@ -153,6 +153,8 @@ def test_a_lost_node_is_replanned_away_and_the_run_ends_with_every_step_once(tmp
     assert decision["decision"] == "shrink"
     (restore,) = events(tmp_path, "restore")
     assert restore["step"] == 5 and restore["source"] == "disk"
+    assert restore["message"].startswith("node-1 node_lost at step 6: shrink dp6 -> dp4 (grad_accum 1 -> 3, "
+                                         "global batch 24), restored step 5 from disk in "), restore
     (recovery,) = events(tmp_path, "recovery")
     assert recovery["lost_steps"] == 1 and recovery["layout"] == {"dp": 4, "tp": 1, "pp": 1}
     assert {"mttr_s", "detect_s", "replan_s", "restart_s", "restore_s", "redo_s"} <= set(recovery)
