@@ -138,13 +138,12 @@ def predict(
     run: PublishedRun,
     cost: CostParams | None = None,
     perf: dict[str, dict[str, float]] | None = None,
-    stack: dict[str, float] | None = None,
+    stack: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Predicted step time, MFU and step parts of a published run in its published layout."""
-    overhead = (stack or {}).get(run.runtime, RUNTIMES[run.runtime].microbatch_overhead_s)
-    cost = dataclasses.replace(
-        cost or CostParams(), flash_attention=run.flash_attention, microbatch_overhead_s=overhead
-    )
+    """Predicted step time, MFU and step parts of a published run in its published layout.
+    ``stack`` overrides fields of the runtimes (farm/plan/runtimes.py), by runtime name."""
+    runtime = dataclasses.replace(RUNTIMES[run.runtime], **(stack or {}).get(run.runtime, {}))
+    cost = dataclasses.replace(runtime.cost(cost), flash_attention=run.flash_attention)
     farm = run_farm(run, perf)
     shape = run.shape
     mdl = Model(shape, resolve_precision("bf16", farm), cost, run.global_batch)
@@ -250,7 +249,7 @@ def report(rows: list[dict[str, Any]]) -> str:
 
 FITTED = ("A100 gemm_efficiency", "A100 attention_efficiency", "H100 gemm_efficiency",
           "H100 attention_efficiency", "layer_overhead_s", "overlap_slowdown", "token_knee",
-          "megatron-deepspeed microbatch_overhead_s")  # fmt: skip
+          "megatron-deepspeed microbatch_overhead_s", "megatron-deepspeed block_overhead_s")  # fmt: skip
 _MODELS = {"A100": ("A100-SXM4-80GB", "A100-SXM4-40GB"), "H100": ("H100-SXM5-80GB",)}
 
 
@@ -260,32 +259,35 @@ def _params(x: np.ndarray) -> dict[str, Any]:
         for model in _MODELS[acc]:
             perf[model] = {"gemm_efficiency": float(x[2 * i]), "attention_efficiency": float(x[2 * i + 1])}
     cost = CostParams(layer_overhead_s=float(x[4]), overlap_slowdown=float(x[5]), token_knee=float(x[6]))
-    return {"cost": cost, "perf": perf, "stack": {"megatron-deepspeed": float(x[7])}}
+    stack = {"megatron-deepspeed": {"microbatch_overhead_s": float(x[7]), "block_overhead_s": float(x[8])}}
+    return {"cost": cost, "perf": perf, "stack": stack}
 
 
 def current() -> np.ndarray:
     a, h, c = PERFORMANCE["A100-SXM4-80GB"], PERFORMANCE["H100-SXM5-80GB"], CostParams()
+    mds = RUNTIMES["megatron-deepspeed"]
     return np.array([a.gemm_efficiency, a.attention_efficiency, h.gemm_efficiency, h.attention_efficiency,
                      c.layer_overhead_s, c.overlap_slowdown, c.token_knee,
-                     RUNTIMES["megatron-deepspeed"].microbatch_overhead_s])  # fmt: skip
+                     mds.microbatch_overhead_s, mds.block_overhead_s])  # fmt: skip
 
 
-def fit(rounds: int = 40) -> np.ndarray:
+def fit(rounds: int = 40, *, keep_accelerators: bool = False) -> np.ndarray:
     """Least squares on the MFU error of the calibration runs (validation runs are never looked at):
-    coordinate search within bounds, halving each step when no move along any axis helps."""
+    coordinate search within bounds, halving each step when no move along any axis helps.
+    ``keep_accelerators`` holds the accelerator figures (the first four of FITTED) where they are."""
     calib = [r for r in RUNS if r.split == "calibration"]
 
     def loss(x: np.ndarray) -> float:
         kw = _params(x)
         return float(sum((predict(r, **kw)["mfu"] - r.published_mfu) ** 2 for r in calib))
 
-    lo = np.array([0.3, 0.1, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0])
-    hi = np.array([1.0, 1.0, 1.0, 1.0, 5e-3, 1.0, 8192, 0.5])
-    x, step = current(), np.array([0.05, 0.05, 0.05, 0.05, 1e-4, 0.1, 256, 0.01])
+    lo = np.array([0.3, 0.1, 0.3, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0])
+    hi = np.array([1.0, 1.0, 1.0, 1.0, 5e-3, 1.0, 8192, 0.5, 0.05])
+    x, step = current(), np.array([0.05, 0.05, 0.05, 0.05, 1e-4, 0.1, 256, 0.01, 1e-3])
     best = loss(x)
     for _ in range(rounds):
         moved = False
-        for i in range(len(x)):
+        for i in range(4 if keep_accelerators else 0, len(x)):
             for sign in (1.0, -1.0):
                 y = x.copy()
                 y[i] = np.clip(y[i] + sign * step[i], lo[i], hi[i])
@@ -320,13 +322,18 @@ def choices(runs: Iterable[PublishedRun] = RUNS) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="refit the constants on the calibration runs")
+    parser.add_argument(
+        "--keep-accelerators",
+        action="store_true",
+        help="with --fit: hold the accelerator figures (farm.topology.PERFORMANCE)",
+    )
     parser.add_argument("--choices", action="store_true", help="the planner's own layouts for the 3D runs")
     args = parser.parse_args()
     if args.choices:
         print(choices())
         return
     if args.fit:
-        x = fit()
+        x = fit(keep_accelerators=args.keep_accelerators)
         for name, value in zip(FITTED, x):
             print(f"{name} = {value:.4g}")
         print(report(table(**_params(x))))

@@ -27,12 +27,15 @@ class CostParams:
     """Assumptions of the model that are not properties of one accelerator (those live in
     farm.topology.PERFORMANCE). docs/calibration.md says which are fitted and which are assumed."""
 
-    layer_overhead_s: float = 1.78e-4
+    layer_overhead_s: float = 1.80e-4
     """Fixed seconds per block and micro-batch (forward and backward): kernel launches, synchronisation
     and the runtime's per-micro-batch bookkeeping. Fitted (docs/calibration.md)."""
     microbatch_overhead_s: float = 0.0
     """Fixed seconds per micro-batch and pipeline stage that a runtime adds (its pipeline engine's
     scheduling and point-to-point set-up); set from the runtime (farm/plan/runtimes.py)."""
+    block_overhead_s: float = 0.0
+    """Fixed seconds per block and micro-batch that a runtime adds to ``layer_overhead_s`` (its
+    per-kernel costs, which grow with the blocks a stage runs); set from the runtime."""
     token_knee: float = 0.0
     """Extra half-saturation point of the token (micro-batch) dimension of block GEMMs. Fitted."""
     hbm_efficiency: float = 0.7
@@ -49,6 +52,10 @@ class CostParams:
     """Fraction of the backward pass that hides data-parallel gradient traffic (bucketed reduction as
     backward proceeds): the last micro-batch's for ZeRO 0/1, every micro-batch's for ZeRO-2; ZeRO-3
     hides its gathers behind the same fraction of each micro-batch's forward and backward."""
+    reduce_after_backward: bool = False
+    """The runtime reduces ZeRO 0-2 gradients only after the backward pass (DeepSpeed without
+    ``overlap_comm``, its pipeline engine after the last micro-batch): nothing of it is hidden. Set
+    from the runtime (``Runtime.overlaps_dp``)."""
     overlap_slowdown: float = 0.61
     """Fraction of the communication hidden behind compute that still delays it (collective kernels
     take SMs and memory bandwidth from the GEMMs). Fitted (docs/calibration.md)."""
@@ -290,7 +297,7 @@ def stage_times(
     kv = shape.kv_heads * (h // shape.n_heads)
     split = (8 if shape.swiglu else 5) * shape.d_ff + 4 * (h + kv)
     elem = tokens * a * (whole / np.where(sp, t, 1) + split / t) / hbm
-    block = gemm + attn + elem + cost.layer_overhead_s
+    block = gemm + attn + elem + cost.layer_overhead_s + cost.block_overhead_s
     head_gemm = (
         6
         * tokens
@@ -386,7 +393,7 @@ def dp_exposed(
         + 2.0 * (nodes - 1) / np.maximum(nodes, 1) * grad_bytes / local / (hw.nic_bw / slow)
         + 2.0 * hw.inter_lat * np.log2(np.maximum(nodes, 1))
     )
-    backward = compute_mb * 2.0 / 3.0
+    backward = compute_mb * 2.0 / 3.0 * (0.0 if cost.reduce_after_backward else 1.0)
 
     def exposed_part(comm: Num, window: Num) -> Num:
         hidden = np.minimum(comm, cost.dp_overlap * window)

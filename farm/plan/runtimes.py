@@ -6,7 +6,10 @@ can be checked; the plan's notes say when the runtime named in ``parallel.runtim
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from farm.plan.costmodel import CostParams
 
 
 @dataclass(frozen=True)
@@ -22,9 +25,23 @@ class Runtime:
     """Highest ZeRO stage it runs with pipeline parallelism."""
     microbatch_overhead_s: float = 0.0
     """Fixed seconds it adds per micro-batch and pipeline stage (CostParams.microbatch_overhead_s)."""
+    block_overhead_s: float = 0.0
+    """Fixed seconds it adds per block and micro-batch (CostParams.block_overhead_s)."""
+    overlaps_dp: bool = True
+    """Reduces ZeRO 0-2 gradients while the backward pass runs; False: only after it
+    (CostParams.reduce_after_backward)."""
 
     def zero_stages(self, *, pipelined: bool) -> list[int]:
         return list(range((self.max_zero_with_pp if pipelined else self.max_zero) + 1))
+
+    def cost(self, base: CostParams | None = None) -> CostParams:
+        """The cost model's constants with this runtime's own costs and overlap."""
+        return dataclasses.replace(
+            base or CostParams(),
+            microbatch_overhead_s=self.microbatch_overhead_s,
+            block_overhead_s=self.block_overhead_s,
+            reduce_after_backward=not self.overlaps_dp,
+        )
 
 
 RUNTIMES: dict[str, Runtime] = {
@@ -43,7 +60,7 @@ RUNTIMES: dict[str, Runtime] = {
     # cost per micro-batch and stage is fitted on a measured micro-batch sweep (docs/calibration.md).
     "megatron-deepspeed": Runtime("megatron-deepspeed", interleaving=False, sequence_parallel=False,
                                   selective_recompute=False, max_zero=3, max_zero_with_pp=1,
-                                  microbatch_overhead_s=0.0877),
+                                  block_overhead_s=0.0156, overlaps_dp=False),
 }  # fmt: skip
 
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)

@@ -221,9 +221,7 @@ def search(
     from farm.plan.explain import check_request, explain_no_fit
 
     req = Request.of(model=model, train=train, parallel=parallel)
-    cost = dataclasses.replace(
-        cost or cm.CostParams(), microbatch_overhead_s=req.runtime.microbatch_overhead_s
-    )
+    cost = req.runtime.cost(cost)
     shape = ModelShape.from_config(model, vocab_size=vocab_size)
     mdl = Model(shape, resolve_precision(train.precision, farm), cost, train.global_batch, check_memory)
     groups = segments_of(farm, cost)

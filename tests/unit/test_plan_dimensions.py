@@ -135,3 +135,45 @@ def test_fixed_schedule_values_are_honoured_with_a_warning_on_a_runtime_without_
     )
     assert (plan.virtual_stages, plan.sequence_parallel) == (5, True)
     assert any(n.startswith("warning: runtime 'farm' does not run interleaving") for n in plan.notes)
+
+
+A100_48 = farm("a100-cluster", nodes=48, spares=0, inter_node={"nics": 4, "nic_gbps": 100})
+BLOOM_181B = ModelConfig(
+    name="181b", n_layers=72, d_model=14336, n_heads=64, d_ff=57344, vocab_size=250880, seq_len=2048
+)
+
+
+def test_a_runtime_cost_per_block_follows_the_blocks_a_stage_runs_not_the_stages() -> None:
+    from farm.plan.runtimes import RUNTIMES
+
+    mds = RUNTIMES["megatron-deepspeed"]
+    assert mds.block_overhead_s > 0 and not mds.overlaps_dp
+    cost = mds.cost()
+    assert cost.block_overhead_s == mds.block_overhead_s and cost.reduce_after_backward
+    bare = dataclasses.replace(cost, block_overhead_s=0.0)
+    # The same 384 devices and micro-batch as 12 stages of 6 blocks or 6 stages of 12: each device runs
+    # 6 x 128 or 12 x 64 block-micro-batches, so the per-block cost adds the same time to both.
+    added = []
+    for p, d in ((12, 4), (6, 8)):
+        with_cost, without = (
+            estimate(A100_48, BLOOM_181B, g=2048, t=8, p=p, d=d, b=4, c=1, cost=k) for k in (cost, bare)
+        )
+        m = 2048 // (d * 4)
+        assert with_cost["terms"]["compute"] - without["terms"]["compute"] == pytest.approx(
+            m * 72 / p * mds.block_overhead_s
+        )
+        added.append(with_cost["step_time_s"] - without["step_time_s"])
+    slots = (128 + 11) * 6, (64 + 5) * 12  # (m + p - 1) slots of n blocks: only the fill differs
+    assert added[0] / added[1] == pytest.approx(slots[0] / slots[1], rel=1e-6)
+
+
+def test_reducing_after_the_backward_leaves_the_whole_gradient_reduction_exposed() -> None:
+    overlapped = estimate(A100_48, BLOOM_181B, g=2048, t=8, p=6, d=8, b=4, c=1)
+    after = estimate(
+        A100_48, BLOOM_181B, g=2048, t=8, p=6, d=8, b=4, c=1, cost=CostParams(reduce_after_backward=True)
+    )
+    assert after["terms"]["dp_comm"] > overlapped["terms"]["dp_comm"] > 0
+    # ZeRO-3 gathers stay overlapped: the flag covers the reduction of ZeRO 0-2 only.
+    z3 = {k: estimate(H100, GPT_13B, g=64, t=1, p=1, d=64, b=1, z=3, cost=CostParams(reduce_after_backward=k))
+          for k in (False, True)}  # fmt: skip
+    assert z3[True]["terms"]["dp_comm"] == pytest.approx(z3[False]["terms"]["dp_comm"])
