@@ -56,8 +56,10 @@ RUNTIMES: dict[str, Runtime] = {
     # PyTorch FSDP (llm-foundry's MPT runs): fully sharded data parallelism, no tensor or pipeline stages.
     "fsdp": Runtime("fsdp", interleaving=False, sequence_parallel=False, selective_recompute=False,
                     max_zero=3, max_zero_with_pp=1),
-    # Megatron-DeepSpeed (BigScience's BLOOM stack): DeepSpeed's pipeline engine with ZeRO-1; its fixed
-    # cost per micro-batch and stage is fitted on a measured micro-batch sweep (docs/calibration.md).
+    # Megatron-DeepSpeed (BigScience's BLOOM stack): DeepSpeed's pipeline engine with ZeRO-1, which
+    # reduces gradients after the last micro-batch. Its fixed costs per stage and per block (each per
+    # micro-batch) are fitted on BLOOM sweeps of 2-12 stages; the fit puts all of it per block
+    # (docs/calibration.md).
     "megatron-deepspeed": Runtime("megatron-deepspeed", interleaving=False, sequence_parallel=False,
                                   selective_recompute=False, max_zero=3, max_zero_with_pp=1,
                                   block_overhead_s=0.0156, overlaps_dp=False),
