@@ -15,9 +15,18 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-gpu", action="store_true", help="run tests that need an accelerator")
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the long cases (marked slow); the default run keeps under 15 minutes on 2 cores")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not config.getoption("--run-slow"):
+        # Deselected, not skipped: the default run's summary counts what it ran, and says how many
+        # long cases it left out (pytest prints "N deselected").
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if config.getoption("--run-gpu"):
         return
     skip = pytest.mark.skip(reason="needs an accelerator; run with --run-gpu where one is present")

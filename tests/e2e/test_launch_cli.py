@@ -19,7 +19,6 @@ def launch(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedP
                           timeout=timeout)
 
 
-@pytest.mark.slow
 def test_train_then_resume_with_more_steps(tiny_data: Path, tmp_path: Path) -> None:
     args = ["+topology=local", f"data.dir={tiny_data}", *BASE, "checkpoint.every=2", "run.dir=runs/demo"]
     first = launch(tmp_path, *args, "train.steps=4")

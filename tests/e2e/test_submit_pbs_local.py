@@ -21,7 +21,7 @@ import pytest
 from farm.config import DataConfig
 from farm.data import prepare
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 STEPS = 8
 

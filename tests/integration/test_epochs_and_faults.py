@@ -14,7 +14,7 @@ from farm.errors import CheckpointError
 from farm.tracking import read_events, read_metrics
 from tests.integration.conftest import run_farm
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

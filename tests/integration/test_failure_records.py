@@ -15,7 +15,7 @@ from farm.errors import CheckpointError, DataError, StartupTimeout
 from farm.tracking import read_events, read_metrics
 from tests.integration.conftest import run_farm
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 
 def test_failed_saves_in_a_row_stop_training_naming_the_last_valid_step(

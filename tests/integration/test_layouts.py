@@ -19,7 +19,7 @@ from farm.tracking import read_events, read_metrics
 from tests.integration.conftest import run_farm
 from tests.integration.noise import assert_within_noise, floor
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 LAYOUTS = {
     "base": ("local", 1, 1, 1),

@@ -42,6 +42,7 @@ def test_a_killed_raylet_takes_its_workers_and_the_run_stops_within_seconds(tiny
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm.launch", "+topology=local-farm", f"data.dir={tiny_data}", "model.seq_len=64",
          "train.global_batch=24", "train.steps=500", "parallel.dp=6", "checkpoint.every=2", "tracking.wandb=false",
+         "run.failure_policy=abort",
          f"run.dir={run_dir}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

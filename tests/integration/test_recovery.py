@@ -26,7 +26,7 @@ import pytest
 from farm.data.ledger import positions_by_step
 from farm.tracking import read_events, read_metrics
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 STEPS = 24
 G = 24
@@ -140,6 +140,7 @@ def test_a_spare_takes_the_lost_nodes_place_and_the_curve_is_unchanged(tiny_data
     np.testing.assert_allclose(losses(run_dir), losses(uninterrupted), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_is_found_and_named_and_the_run_restarts_around_it(tiny_data: Path, uninterrupted: Path,
                                                                            tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -166,3 +167,28 @@ def test_a_stopped_worker_is_found_and_named_and_the_run_restarts_around_it(tiny
     assert decision["decision"] == "restart"
     assert_same_samples(run_dir, uninterrupted)
     np.testing.assert_allclose(losses(run_dir), losses(uninterrupted), rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("layout", "victim"), [
+    (("parallel.tp=2", "parallel.pp=1", "parallel.dp=3"), "node-1"),  # node-1 holds one TP pair whole
+    (("parallel.tp=1", "parallel.pp=2", "parallel.dp=3"), "node-2"),  # node-2 holds pipeline stage ranks
+])
+def test_losing_a_tensor_or_pipeline_peer_replans_and_carries_on(tiny_data: Path, tmp_path: Path,
+                                                                layout: tuple[str, ...], victim: str) -> None:
+    run_dir = tmp_path / "run"
+    done = kill_raylet_and_finish(run_dir, tiny_data, victim, *layout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = read_events(run_dir)
+    decision = next(e for e in events if e["event"] == "decision")
+    assert decision["decision"] == "shrink" and victim in decision["reason"], decision
+    replan = next(e for e in events if e["event"] == "replan")
+    old, new = replan["old"], replan["new"]
+    assert old["tp"] * old["pp"] * old["dp"] == 6 and new["tp"] * new["pp"] * new["dp"] == 4, replan
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert rows[-1]["layout"] == new
+    got = positions_by_step(run_dir)
+    for step, positions in got.items():
+        assert positions == list(range((step - 1) * G, step * G)), f"step {step} trained other positions"
+    assert victim not in [e for e in events if e["event"] == "workers"][-1]["nodes"]

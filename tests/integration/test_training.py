@@ -14,7 +14,7 @@ from farm._hydra import compose_from_argv
 from farm.launch import train
 from farm.tracking import read_events, read_metrics
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 STEPS = 20
 

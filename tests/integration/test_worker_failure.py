@@ -1,9 +1,9 @@
-"""A worker killed mid-run stops the run within seconds with a message naming it and the step; Ray's own
-text about it goes to logs/ray.log, not to the console."""
+"""A worker killed mid-run, on a node that stays up: the default policy (``replan``) restarts the group
+in place from the newest checkpoint and the run ends normally. The console shows farm's lines about it;
+Ray's own text about the dead worker goes to logs/ray.log."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+from farm.tracking import read_events, read_metrics
+
+pytestmark = [pytest.mark.integration]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -25,11 +27,13 @@ def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-u
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_killed_worker_stops_the_run_with_a_clear_error(tiny_data: Path, tmp_path: Path) -> None:
+def test_a_killed_worker_is_restarted_in_place_and_the_run_completes(tiny_data: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    steps = 14
+    # No run.failure_policy: the default re-plans (here: restarts on the same node and layout).
     proc = subprocess.Popen(
         [sys.executable, "-m", "farm.launch", "+topology=local", f"data.dir={tiny_data}", "model.seq_len=64",
-         "train.global_batch=16", "train.steps=500", "checkpoint.every=3", "tracking.wandb=false",
+         "train.global_batch=16", f"train.steps={steps}", "checkpoint.every=3", "tracking.wandb=false",
          f"run.dir={run_dir}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -40,26 +44,25 @@ def test_killed_worker_stops_the_run_with_a_clear_error(tiny_data: Path, tmp_pat
         except AssertionError:
             proc.kill()
             raise AssertionError(f"no 4 steps; the launch said:\n{proc.communicate()[1][-3000:]}") from None
-        events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
-        pid = next(e for e in events if e["event"] == "workers")["pids"][1]
+        pid = next(e for e in read_events(run_dir) if e["event"] == "workers")["pids"][1]
         os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        out, err = proc.communicate(timeout=60)
-        stopped_after = time.monotonic() - killed_at
+        out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 4, err
-    assert stopped_after < 30
-    assert "worker rank 1 on node local-0 died" in err
-    assert "at step" in err and "re-run the same command to resume from checkpoint step" in err
-    assert "Traceback" not in err
-    # Ray's own text about the dead worker goes to the run dir's logs, not to the console.
-    assert "(raylet)" not in out + err and "A worker died or was killed" not in out + err, out
-    assert "A worker died or was killed" in (run_dir / "logs" / "ray.log").read_text()
-    assert len(out + err) < 1500, f"{len(out + err)} characters on the console"
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert proc.returncode == 0, err[-3000:]
+    events = read_events(run_dir)
     failure = next(e for e in events if e["event"] == "failure")
     decision = next(e for e in events if e["event"] == "decision")
-    assert failure["rank"] == 1 and failure["fault"] == "died"
-    assert decision["decision"] == "abort" and "rank 1" in decision["reason"]
+    assert failure["rank"] == 1 and failure["node"] == "local-0" and failure["fault"] == "died", failure
+    assert decision["decision"] == "restart", decision
+    recovery = next(e for e in events if e["event"] == "recovery")
+    assert recovery["layout"]["dp"] == 2 and recovery["lost_steps"] >= 0 and recovery["mttr_s"] > 0, recovery
+    # Every step is trained; a redone step is logged again and its last record is the one that counts.
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, steps + 1))
+    console = out + err
+    assert "rank=1 node=local-0 fault=died" in console and "restored step 3 from disk" in console, console
+    assert "Traceback" not in console
+    # Ray's own text about the dead worker goes to the run dir's logs, not to the console.
+    assert "(raylet)" not in console and "A worker died or was killed" not in console, console
+    assert "A worker died or was killed" in (run_dir / "logs" / "ray.log").read_text()

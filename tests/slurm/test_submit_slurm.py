@@ -19,7 +19,7 @@ import pytest
 if TYPE_CHECKING:
     from tests.slurm.conftest import SlurmCluster
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 
 GLOBAL_BATCH = 8
 
