@@ -92,6 +92,7 @@ def kill_raylet_and_finish(run_dir: Path, data: Path, node: str, *extra: str,
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+@pytest.mark.slow  # the default run loses a node in test_rejoin.py
 def test_a_lost_node_is_replanned_away_and_training_carries_on(tiny_data: Path, uninterrupted: Path,
                                                                 tmp_path: Path) -> None:
     run_dir = tmp_path / "run"

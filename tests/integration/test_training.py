@@ -14,7 +14,8 @@ from farm._hydra import compose_from_argv
 from farm.launch import train
 from farm.tracking import read_events, read_metrics
 
-pytestmark = pytest.mark.integration
+# Slow tier: the default run trains DP2, resumes and retains in test_layouts.py and tests/e2e.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS = 20
 
