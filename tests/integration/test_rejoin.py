@@ -102,6 +102,8 @@ def test_a_repaired_node_rejoins_and_the_run_grows_back(tiny_data: Path, tmp_pat
     events = read_events(run_dir)
     decisions = [e["decision"] for e in events if e["event"] == "decision"]
     assert decisions[:1] == ["shrink"] and "grow" in decisions, decisions
+    recovery = next(e for e in events if e["event"] == "recovery")
+    assert recovery["detect_s"] < 5, f"node-1's loss found after {recovery['detect_s']} s"
     rejoin = next(e for e in events if e["event"] == "rejoin")
     assert rejoin["nodes"] == ["node-1"] and rejoin["step"] % 4 == 0, rejoin
     rows = read_metrics(run_dir)
