@@ -41,6 +41,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     try:
         # The Figure API needs no pyplot backend, so this works headless and leaves pyplot alone.
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as err:
         raise FarmError(
             "plot_run needs matplotlib, which is not installed: pip install 'farm[plots]' (or matplotlib)"
@@ -57,6 +58,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
         if key == "devices":
             ax.step(xs, ys, where="post", color="tab:blue")
             ax.set_ylim(0, max(ys, default=1) * 1.15)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         else:
             ax.plot(xs, ys, color="tab:blue", linewidth=1.2)
         ax.set_ylabel(label)
@@ -74,6 +76,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
             labelled.add(kind)
     axes[0].legend(loc="upper right", fontsize="small", ncol=3)
     axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(run_dir.name)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
