@@ -87,6 +87,28 @@ def test_a_cpu_workers_peak_memory_is_its_peak_rss() -> None:
     del block
 
 
+QUIET = TrackingConfig(wandb=False, console=False)
+
+
+def quiet(
+    run_dir: Path,
+    *,
+    total: int,
+    start: int = 0,
+    cfg: TrackingConfig = QUIET,
+    stream: io.StringIO | None = None,
+) -> Tracker:
+    return Tracker(
+        cfg,
+        run_dir=run_dir,
+        run_name=run_dir.name,
+        config={},
+        total_steps=total,
+        start_step=start,
+        stream=stream if stream is not None else io.StringIO(),
+    )
+
+
 def metrics(step: int, *, devices: int = 2) -> StepMetrics:
     layout = {"dp": devices, "tp": 1, "pp": 1}
     return StepMetrics(
@@ -159,15 +181,7 @@ def test_status_of_a_live_run_then_of_the_finished_one(
 
 
 def test_status_lists_failures_and_recoveries_and_says_a_crashed_run_stopped(tmp_path: Path) -> None:
-    with Tracker(
-        TrackingConfig(wandb=False, console=False),
-        run_dir=tmp_path,
-        run_name="r",
-        config={},
-        total_steps=10,
-        start_step=0,
-        stream=io.StringIO(),
-    ) as t:
+    with quiet(tmp_path, total=10) as t:
         t.event("start")
         for s in (1, 2, 3):
             t.step(metrics(s))
@@ -190,15 +204,7 @@ def test_status_refuses_a_directory_that_holds_no_run(
 def test_plot_cli_draws_the_four_panels_with_the_events(tmp_path: Path) -> None:
     from farm.plot import main as plot_main
 
-    with Tracker(
-        TrackingConfig(wandb=False, console=False),
-        run_dir=tmp_path,
-        run_name="r",
-        config={},
-        total_steps=20,
-        start_step=0,
-        stream=io.StringIO(),
-    ) as t:
+    with quiet(tmp_path, total=20) as t:
         for s in range(1, 21):
             t.step(metrics(s, devices=2 if s <= 8 else 1))
             if s % 5 == 0:
@@ -218,15 +224,7 @@ def test_tensorboard_gets_the_series_and_a_resume_hides_the_replayed_steps(tmp_p
 
     cfg = TrackingConfig(wandb=False, console=False, tensorboard=True)
     for start, stop in ((0, 6), (4, 8)):
-        with Tracker(
-            cfg,
-            run_dir=tmp_path,
-            run_name="tb",
-            config={},
-            total_steps=8,
-            start_step=start,
-            stream=io.StringIO(),
-        ) as t:
+        with quiet(tmp_path, total=8, start=start, cfg=cfg) as t:
             t.event("start")
             for s in range(start + 1, stop + 1):
                 t.step(metrics(s))
@@ -239,15 +237,7 @@ def test_tensorboard_gets_the_series_and_a_resume_hides_the_replayed_steps(tmp_p
 
 def test_startup_phases_are_printed_even_with_the_progress_off(tmp_path: Path) -> None:
     out = io.StringIO()
-    with Tracker(
-        TrackingConfig(wandb=False, console=False),
-        run_dir=tmp_path,
-        run_name="r",
-        config={},
-        total_steps=5,
-        start_step=2,
-        stream=out,
-    ) as t:
+    with quiet(tmp_path, total=5, start=2, stream=out) as t:
         t.event("cluster", address="local", started=True, nodes=3, cpus=2, seconds=4.2)
         t.event(
             "workers", ranks=4, nodes=["node-0", "node-0", "node-1", "node-1"], attempt=0, params=2_500_000
