@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from farm import rundir
-from farm._hydra import hydra_entry, to_farm_config
+from farm._hydra import hydra_entry, note_sweep_accepted, to_farm_config
 from farm.checkpoint.resume import (
     CORRUPT_DIR,
     SUPERSEDED_DIR,
@@ -355,10 +355,25 @@ def _task(cfg: DictConfig) -> int:
     # launch is accepted. A sweep's jobs get run.dir/N from Hydra.
     if hydra_cfg.mode == RunMode.MULTIRUN:
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        typed = sweep_job(typed, sweep=Path(hydra_cfg.sweep.dir).name, num=int(hydra_cfg.job.num),
+                          overrides=str(hydra_cfg.job.override_dirname))
     else:
         run_dir = Path(os.path.abspath(typed.run.dir))
-    return train(typed, run_dir=run_dir, topology_file=raw.get("topology_file"),
-                 record_config=lambda path: record_hydra(cfg, path))
+
+    def record(path: Path) -> None:
+        record_hydra(cfg, path)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            note_sweep_accepted()
+
+    return train(typed, run_dir=run_dir, topology_file=raw.get("topology_file"), record_config=record)
+
+
+def sweep_job(cfg: FarmConfig, *, sweep: str, num: int, overrides: str) -> FarmConfig:
+    """A sweep's job logs to the W&B group of its sweep, under a name that says what it varies:
+    ``SWEEP-N train.lr=0.001,parallel.dp=2`` (tracking.group and run.name given on the line win)."""
+    name = cfg.run.name or f"{sweep}-{num}" + (f" {overrides}" if overrides else "")
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, group=cfg.tracking.group or sweep),
+                               run=dataclasses.replace(cfg.run, name=name))
 
 
 main = hydra_entry(_task)
