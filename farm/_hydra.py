@@ -250,12 +250,12 @@ def _single_run_overrides(argv: list[str]) -> list[str]:
 
     args = [a for a in argv if "=" in a and not a.startswith("-")]
     out = []
-    for override in OverridesParser.create().parse_overrides(args):
+    for arg, override in zip(args, OverridesParser.create().parse_overrides(args)):
         if override.is_sweep_override():
             first = next(iter(override.sweep_string_iterator()))
-            out.append(f"{override.input_line.split('=', 1)[0]}={first}")
+            out.append(f"{arg.split('=', 1)[0]}={first}")
         else:
-            out.append(override.input_line)
+            out.append(arg)
     return out
 
 

@@ -7,6 +7,7 @@ resume from, and whether Ray has the resources the plan asks for. Every check is
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,7 +114,7 @@ def _ray(out: Console, farm: Farm, plan: Plan, *, address: str | None) -> bool:
             address=address,
             include_dashboard=False,
             log_to_driver=False,
-            logging_level="ERROR",
+            logging_level=logging.ERROR,
             namespace="farm-preflight",
         )
     except (ConnectionError, RuntimeError) as err:

@@ -106,3 +106,22 @@ def test_an_accepted_sweep_records_its_multirun_yaml_beside_the_earlier_one(
     records.end()
     assert (sweep / "multirun.yaml").read_text() == "first sweep\n"
     assert (sweep / "multirun-2.yaml").read_text() == "second sweep\n"
+
+
+def test_tab_completion_offers_the_farms_and_the_models(tmp_path: Path) -> None:
+    import os
+
+    for line, expected in (
+        ("farm-launch +topology=lo", "+topology=local-farm"),
+        ("farm-launch model=gpt-1", "model=gpt-1.3b"),
+    ):
+        env = {**os.environ, "COMP_LINE": line, "COMP_POINT": str(len(line))}
+        result = subprocess.run(
+            [sys.executable, "-m", "farm.launch", "-sc", "query=bash"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert expected in result.stdout.split(), result.stdout + result.stderr
