@@ -69,7 +69,7 @@ def run_state(run_dir: Path, events: list[dict[str, Any]] | None = None) -> dict
                 "detail": f"held by pid {lease.get('pid')} on {lease.get('host')}; last write {age:.0f} s ago",
             }
     if last.get("event") == "end" and last.get("reason") in ("done", None):
-        return {"state": "finished", "detail": f"at step {last.get('step')} ({last.get('time')})"}
+        return {"state": "finished", "detail": f"at step {last.get('step')}, {last.get('time')}"}
     if ended:
         why = last.get("signal") or last.get("reason") or last.get("event")
         return {
