@@ -74,7 +74,8 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
                 label=None if kind in labelled else kind,
             )
             labelled.add(kind)
-    axes[0].legend(loc="upper right", fontsize="small", ncol=3)
+    if events:
+        axes[0].legend(loc="upper right", fontsize="small", ncol=3)
     axes[-1].set_xlabel("step")
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0].set_title(run_dir.name)
