@@ -76,6 +76,29 @@ def test_status_and_plot_follow_a_real_launch_and_the_wandb_run_holds_the_plan(
     assert cfg["params"] > 100_000
     assert any("mfu" in row and "memory/peak_max_bytes" in row for row in history(wandb_file))
 
+    # The preflight of the same command now names the step it would resume from.
+    import io
+
+    from rich.console import Console
+
+    from farm._hydra import compose_from_argv
+    from farm.preflight import preflight
+
+    composed, raw = compose_from_argv([*args, "run.dry_run=true", "train.steps=40"])
+    out = io.StringIO()
+    assert (
+        preflight(
+            composed,
+            run_dir=run_dir,
+            topology_file=raw["topology_file"],
+            console=Console(file=out, width=200),
+        )
+        == 0
+    )
+    text = out.getvalue()
+    assert "matches farm.json" in text and "finished" in text, text
+    assert f"resume: from step 30 (checkpoint {run_dir / 'checkpoints' / 'step-00000030'})" in text, text
+
 
 def test_dry_run_checks_a_real_clusters_resources(tiny_data: Path, tmp_path: Path, farm_cluster: str) -> None:
     """The shared cluster carries local-farm's three nodes; dgx-h100-superpod's GPUs it has not."""

@@ -249,3 +249,15 @@ def test_startup_phases_are_printed_even_with_the_progress_off(tmp_path: Path) -
         "4 workers placed on 2 node(s) (node-0, node-1); process groups ready; model 2.5M parameters" in text
     )
     assert "checkpoint restored at step 2 (runs/x/checkpoints/step-00000002)" in text
+
+
+def test_a_sweep_job_logs_to_its_sweeps_group_under_a_name_saying_what_it_varies() -> None:
+    from farm.config import FarmConfig, RunConfig, TrackingConfig
+    from farm.launch import sweep_job
+
+    cfg = FarmConfig(topology={})
+    job = sweep_job(cfg, sweep="lr-sweep", num=1, overrides="train.lr=0.002")
+    assert (job.tracking.group, job.run.name) == ("lr-sweep", "lr-sweep-1 train.lr=0.002")
+    given = FarmConfig(topology={}, tracking=TrackingConfig(group="mine"), run=RunConfig(name="fixed"))
+    job = sweep_job(given, sweep="lr-sweep", num=1, overrides="train.lr=0.002")
+    assert (job.tracking.group, job.run.name) == ("mine", "fixed"), "what the command line gives wins"
