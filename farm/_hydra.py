@@ -8,8 +8,10 @@ from any working directory without a cwd-relative search path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 import yaml
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from farm.config import FarmConfig, from_container
 from farm.errors import ConfigError, FarmError, Preempted, TopologyError
@@ -59,7 +61,8 @@ def _register_topology(path: Path, name: str) -> None:
         node = {"_error": f"{path}: not valid YAML: {err}"}
     if not isinstance(node, dict):
         node = {"_error": f"{path}: expected a mapping of topology fields, got {type(node).__name__}"}
-    node.setdefault("name", path.stem)
+    if not node.get("name"):  # a farm file without a name (or with an empty one) is named by its stem
+        node["name"] = path.stem
     node["_file"] = str(path)
     ConfigStore.instance().store(group="topology", name=name, node=OmegaConf.create(node))
 
@@ -98,13 +101,33 @@ def _no_topology_message() -> str:
     )
 
 
-def to_farm_config(cfg: DictConfig) -> tuple[FarmConfig, dict[str, Any]]:
+def _topology_choice(overrides: list[str] | None) -> str | None:
+    """The option name the topology was selected by (a farm file found on hydra.searchpath is named by
+    its stem, which is this name)."""
+    if overrides is not None:
+        names = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "topology"]
+        return names[-1] if names else None
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get("topology")
+    return None if choice is None else str(choice)
+
+
+def to_farm_config(cfg: DictConfig, *, overrides: list[str] | None = None) -> tuple[FarmConfig, dict[str, Any]]:
     """Resolve a composed DictConfig into the typed config plus the raw mapping (for CLI-only keys)."""
     topology = cfg.get("topology")
     if topology is None:
         raise ConfigError(_no_topology_message())
     if "_error" in topology:
         raise TopologyError(str(topology["_error"]))
+    if not topology.get("name"):
+        name = _topology_choice(overrides)
+        if name is None:
+            raise TopologyError("the topology has no name: add `name: NAME` to its file")
+        with open_dict(cfg):
+            cfg.topology.name = Path(name).stem
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     assert isinstance(container, dict)
     raw: dict[str, Any] = {str(k): v for k, v in container.items()}
@@ -136,7 +159,7 @@ def compose_from_argv(
         overrides += [f"+{o}" for o in given]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    return to_farm_config(cfg)
+    return to_farm_config(cfg, overrides=overrides)
 
 
 def _overridden(given: list[str], name: str, key: str) -> bool:
@@ -198,10 +221,90 @@ def hydra_entry(task: Callable[[DictConfig], int | None]) -> Callable[[], None]:
         except FarmError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(err.exit_code)
+        sweep = SweepRecords.begin(sys.argv[1:]) if {"-m", "--multirun"} & set(sys.argv[1:]) else None
         try:
             _app()
         except KeyboardInterrupt:  # Ctrl-C before or after training (the controller handles it during)
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        finally:
+            if sweep is not None:
+                sweep.end()
 
     return main
+
+
+SWEEP_RECORD = "multirun.yaml"
+_sweep_accepted = False
+
+
+def note_sweep_accepted() -> None:
+    """A job of the running sweep was accepted: the sweep's multirun.yaml is kept."""
+    global _sweep_accepted
+    _sweep_accepted = True
+
+
+def _single_run_overrides(argv: list[str]) -> list[str]:
+    """The command line's overrides with each sweep (a,b / range / choice) cut to its first value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if "=" in a and not a.startswith("-")]
+    out = []
+    for arg, override in zip(args, OverridesParser.create().parse_overrides(args)):
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()))
+            out.append(f"{arg.split('=', 1)[0]}={first}")
+        else:
+            out.append(arg)
+    return out
+
+
+class SweepRecords:
+    """Keeps the multirun.yaml of earlier sweeps into the same directory.
+
+    Hydra writes ``SWEEP_DIR/multirun.yaml`` when a sweep starts, over any earlier sweep's. The earlier
+    one is moved aside for the sweep's duration and put back after it; this sweep's goes to the next
+    free ``multirun-N.yaml``, and only if one of its jobs was accepted (a refused sweep leaves none).
+    """
+
+    def __init__(self, sweep_dir: Path) -> None:
+        self.dir = sweep_dir
+        self.record = sweep_dir / SWEEP_RECORD
+        self.kept: Path | None = None
+
+    @classmethod
+    def begin(cls, argv: list[str]) -> SweepRecords | None:
+        from hydra import compose, initialize_config_dir
+
+        global _sweep_accepted
+        _sweep_accepted = False
+        try:
+            with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=_single_run_overrides(argv), return_hydra_config=True)
+            sweep_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir")))
+        except Exception:  # Hydra reports a bad command line itself when the sweep starts
+            return None
+        records = cls(sweep_dir)
+        if records.record.exists():
+            records.kept = sweep_dir / f".{SWEEP_RECORD}.{os.getpid()}"
+            os.replace(records.record, records.kept)
+        return records
+
+    def end(self) -> None:
+        written = self.record if self.record.exists() else None
+        if written is not None and self.kept is not None:
+            if _sweep_accepted:
+                n = 2
+                while (self.dir / f"multirun-{n}.yaml").exists():
+                    n += 1
+                os.replace(written, self.dir / f"multirun-{n}.yaml")
+            else:
+                written.unlink()
+        elif written is not None and not _sweep_accepted:
+            written.unlink()
+        if self.kept is not None:
+            os.replace(self.kept, self.record)
+        # Hydra makes each job's directory before the job runs; a refused job leaves it empty.
+        for job in (*sorted(self.dir.glob("[0-9]*")), self.dir):
+            with contextlib.suppress(OSError):
+                job.rmdir()

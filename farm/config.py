@@ -192,6 +192,12 @@ class TrackingConfig:
     entity: str | None = None
     console: bool = True
     """Live progress line on the terminal."""
+    group: str | None = None
+    """W&B group; a multirun sweep sets it to the sweep's directory name unless it is given."""
+    job_type: str = "train"
+    """W&B job type."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to RUN_DIR/tensorboard (needs the tensorboard package)."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,9 @@ class RunConfig:
     """A rank whose forward compute takes more than this times its stage's median is slow..."""
     straggler_steps: int = 20
     """...and a straggler once it stays slow for this many steps in a row."""
+    dry_run: bool = False
+    """Preflight only: print the plan, the data, the run directory's state and the step a launch would
+    resume from, and whether Ray has the resources; start no worker and write nothing."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from farm import rundir
-from farm._hydra import hydra_entry, to_farm_config
+from farm._hydra import hydra_entry, note_sweep_accepted, to_farm_config
 from farm.checkpoint.resume import (
     CORRUPT_DIR,
     SUPERSEDED_DIR,
@@ -189,7 +190,11 @@ def accept(launch: Launch, *, lock: RunDirLock, record_config: RecordConfig | No
 
 def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None,
           record_config: RecordConfig | None = None) -> int:
-    """Run or resume; the run directory is locked for the whole call."""
+    """Run or resume; the run directory is locked for the whole call (a dry run only reads it)."""
+    if cfg.run.dry_run:
+        from farm.preflight import preflight
+
+        return preflight(cfg, run_dir=run_dir, topology_file=topology_file)
     lock = RunDirLock(run_dir).acquire()
     accepted = False
     try:
@@ -208,6 +213,29 @@ def train(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None,
         lock.release(remove_dir=not accepted)
 
 
+def tracked_config(launch: Launch) -> dict[str, Any]:
+    """The W&B config: the composed config plus what the launch resolved (the plan behind
+    parallel.dp=auto, the precision behind train.precision=auto, the padded vocabulary, the size)."""
+    plan = launch.plan
+    params = 0
+    for name, shape in launch.checkpoint.tensors.items():
+        if name.startswith("model/"):
+            n = 1
+            for dim in shape:
+                n *= dim
+            params += n
+    resolved = {
+        "dp": plan.dp, "tp": plan.tp, "pp": plan.pp, "zero_stage": plan.zero_stage, "micro_batch": plan.micro_batch,
+        "grad_accum": plan.grad_accum, "global_batch": plan.global_batch, "devices": plan.world_size,
+        "nodes": len(plan.nodes()), "spares": len(plan.spares), "virtual_stages": plan.virtual_stages,
+        "sequence_parallel": plan.sequence_parallel, "recompute": plan.recompute,
+        "layer_split": list(plan.layer_split), "estimated_step_time_s": plan.step_time_s,
+        "estimated_mfu": plan.mfu, "estimated_tokens_per_s": plan.tokens_per_s,
+    }
+    return {**launch.cfg.to_dict(), "plan": resolved, "params": params, "precision": launch.precision,
+            "padded_vocab": launch.vocab}
+
+
 def _run(launch: Launch, notes: list[str]) -> int:
     from farm.controller.cluster import connect
     from farm.controller.controller import preempted_message
@@ -216,7 +244,7 @@ def _run(launch: Launch, notes: list[str]) -> int:
     cfg, plan, run_dir = launch.cfg, launch.plan, launch.run_dir
     try:
         tracker = Tracker(cfg.tracking, run_dir=run_dir, run_name=cfg.run.name or run_dir.name,
-                          config=cfg.to_dict(), total_steps=cfg.train.steps, start_step=launch.choice.step)
+                          config=tracked_config(launch), total_steps=cfg.train.steps, start_step=launch.choice.step)
     except OSError as err:
         raise RunDirError(os_problem(run_dir, err)) from err
     exit_code = 1
@@ -225,7 +253,11 @@ def _run(launch: Launch, notes: list[str]) -> int:
             tracker.event("checkpoint_skipped", detail=note)
         tracker.event("start", step=launch.choice.step, layout={"dp": plan.dp, "tp": plan.tp, "pp": plan.pp},
                       devices=plan.world_size, spares=list(plan.spares), notes=list(plan.notes))
+        began = time.monotonic()
         handle = connect(launch.farm, address=cfg.run.ray_address)
+        tracker.event("cluster", **cluster_facts(handle, seconds=time.monotonic() - began))
+        tracker.phase(f"starting {plan.world_size} workers on {len(plan.nodes())} node(s) "
+                      f"(run.startup_timeout_s={cfg.run.startup_timeout_s:g})")
         try:
             finished, controller = _train_falling_back(launch, tracker)
         finally:
@@ -238,6 +270,15 @@ def _run(launch: Launch, notes: list[str]) -> int:
         return 0
     finally:
         tracker.close(exit_code=exit_code)
+
+
+def cluster_facts(handle: Any, *, seconds: float) -> dict[str, Any]:
+    """What the cluster event records: where Ray is, how many nodes and CPUs it has."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {"address": handle.address or "local", "started": handle.started, "nodes": len(nodes),
+            "cpus": int(ray.cluster_resources().get("CPU", 0)), "seconds": round(seconds, 1)}
 
 
 def _train_falling_back(launch: Launch, tracker: Tracker) -> tuple[Finished, Controller]:
@@ -314,10 +355,25 @@ def _task(cfg: DictConfig) -> int:
     # launch is accepted. A sweep's jobs get run.dir/N from Hydra.
     if hydra_cfg.mode == RunMode.MULTIRUN:
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        typed = sweep_job(typed, sweep=Path(hydra_cfg.sweep.dir).name, num=int(hydra_cfg.job.num),
+                          overrides=str(hydra_cfg.job.override_dirname))
     else:
         run_dir = Path(os.path.abspath(typed.run.dir))
-    return train(typed, run_dir=run_dir, topology_file=raw.get("topology_file"),
-                 record_config=lambda path: record_hydra(cfg, path))
+
+    def record(path: Path) -> None:
+        record_hydra(cfg, path)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            note_sweep_accepted()
+
+    return train(typed, run_dir=run_dir, topology_file=raw.get("topology_file"), record_config=record)
+
+
+def sweep_job(cfg: FarmConfig, *, sweep: str, num: int, overrides: str) -> FarmConfig:
+    """A sweep's job logs to the W&B group of its sweep, under a name that says what it varies:
+    ``SWEEP-N train.lr=0.001,parallel.dp=2`` (tracking.group and run.name given on the line win)."""
+    name = cfg.run.name or f"{sweep}-{num}" + (f" {overrides}" if overrides else "")
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, group=cfg.tracking.group or sweep),
+                               run=dataclasses.replace(cfg.run, name=name))
 
 
 main = hydra_entry(_task)

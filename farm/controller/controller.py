@@ -58,7 +58,8 @@ from farm.errors import (
     StartupTimeout,
     WorkerFailure,
 )
-from farm.tracking import StepMetrics, Tracker
+from farm.tracking import Tracker
+from farm.tracking.metrics import step_metrics
 
 __all__ = ["Controller", "Finished", "RunParts", "preempted_message"]
 
@@ -228,7 +229,7 @@ class Controller:
         elapsed = time.perf_counter() - started
         self.step_timeout.observe(elapsed)
         report = reports[self.attempt.reporter][-1]
-        self._log_step(report, elapsed)
+        self._log_step([r[-1] for r in reports], elapsed)
         step = self.step = int(report["step"])
         self.step_done_at = time.monotonic()
         self.node_faults.clear()  # a good step: earlier faults are no longer "in a row"
@@ -263,14 +264,10 @@ class Controller:
                 return self._on_fault(fault, f"node {slow.node} is a straggler")
         return None
 
-    def _log_step(self, report: dict[str, Any], elapsed: float) -> None:
-        p = self.p
-        tokens = p.train.global_batch * p.model.seq_len
-        self.tracker.step(StepMetrics(
-            step=int(report["step"]), loss=float(report["loss"]), lr=float(report["lr"]), tokens=tokens,
-            samples=int(report["samples"]), step_time_s=elapsed, grad_norm=float(report["grad_norm"]),
-            tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0, layout=self.attempt.layout,
-        ))
+    def _log_step(self, reports: list[dict[str, Any]], elapsed: float) -> None:
+        tokens = self.p.train.global_batch * self.p.model.seq_len
+        self.tracker.step(step_metrics(reports=reports, reporter=self.attempt.reporter, elapsed=elapsed,
+                                       plan=self.attempt.plan, tokens=tokens))
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

@@ -288,12 +288,14 @@ class Worker:
     @_logged
     def run_steps(self, n: int) -> list[dict[str, Any]]:
         """Train n optimizer steps; returns one report per step."""
+        from farm.tracking.memory import peak_memory
+
         reports = []
         for _ in range(n):
             result = self.engine.train_step(self._iter)
             if self.ledger is not None:
                 self.ledger.commit(result.step)
-            reports.append(asdict(result))
+            reports.append({**asdict(result), **peak_memory(self.spec.torch_device)})
         return reports
 
     # -- checkpoints --------------------------------------------------------------------------------

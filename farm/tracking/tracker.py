@@ -27,6 +27,8 @@ from farm.tracking.jsonl import (
     truncate_metrics,
 )
 from farm.tracking.metrics import StepMetrics, layout_text
+from farm.tracking.phases import phase_line
+from farm.tracking.tensorboard import TensorBoardLog
 from farm.tracking.wandb_run import WandbRun, resolve_run_id
 
 EVENT_KINDS = ("start", "workers", "resume", "plan", "checkpoint", "checkpoint_skipped", "checkpoint_failed",
@@ -78,9 +80,9 @@ class Tracker:
         self._tokens_seen = self._count_tokens(through=start_step)
         self._last_step = start_step
         self._last_loss: float | None = None
-        self._event_rows: list[dict[str, Any]] = []
         self._event_counts: dict[str, int] = {}
         note, self.wandb = self._start_wandb(cfg, run_name=run_name, config=config)
+        self.tensorboard = TensorBoardLog(self.run_dir, start_step=start_step) if cfg.tensorboard else None
         self._display = ProgressDisplay(
             stream=stream if stream is not None else sys.stderr,
             enabled=cfg.console,
@@ -116,10 +118,16 @@ class Tracker:
         record = jsonable(record)
         self._events.write(record)
         self._event_counts[kind] = self._event_counts.get(kind, 0) + 1
-        self._event_rows.append(record)
         if self.wandb is not None:
-            self.wandb.log({f"events/{kind}": self._event_counts[kind]}, step=self._last_step)
-        if kind in _CONSOLE_EVENTS:
+            self.wandb.event(record, counts=self._event_counts)
+            if kind == "checkpoint" and record.get("path"):
+                self.wandb.checkpoint(path=Path(record["path"]), step=int(record["step"]))
+        if self.tensorboard is not None:
+            self.tensorboard.event(record)
+        phase = phase_line(record)
+        if phase is not None:
+            self.phase(phase)
+        elif kind in _CONSOLE_EVENTS:
             # An event with a message says it in words; the others show their fields.
             detail = str(fields["message"]) if "message" in fields else " ".join(
                 f"{k}={_show(v)}" for k, v in fields.items() if k != "step")
@@ -138,10 +146,17 @@ class Tracker:
         self._metrics.write(metrics.record())
         if self.wandb is not None:
             self.wandb.log(metrics.flat(), step=metrics.step)
+        if self.tensorboard is not None:
+            self.tensorboard.step(metrics)
         self._display.update(metrics)
         self._tokens_seen += metrics.tokens
         self._last_step = metrics.step
         self._last_loss = metrics.loss
+
+    def phase(self, text: str) -> None:
+        """A start-up phase on the terminal, with the seconds since the tracker started (also with
+        tracking.console=false: a silent minute before the first step reads as a hang)."""
+        self._display.message(f"[{time.monotonic() - self._started:6.1f}s] {text}", style="cyan")
 
     @property
     def tokens_seen(self) -> int:
@@ -189,8 +204,9 @@ class Tracker:
         self._closed = True
         try:
             self._display.stop()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             if self.wandb is not None:
-                self.wandb.log_events(self._event_rows)
                 self.wandb.finish(exit_code=exit_code)
         finally:
             if self._metrics is not None:

@@ -98,6 +98,7 @@ def test_metrics_line_has_the_documented_fields_in_strict_json(tmp_path: Path) -
     first, second = read_metrics(tmp_path)
     assert list(first) == [
         "step", "loss", "lr", "tokens", "samples", "step_time_s", "grad_norm", "tokens_per_s", "layout",
+        "tokens_per_s_per_device", "mfu", "peak_memory",
     ]  # fmt: skip
     assert first["loss"] == 2.5 and first["samples"] == 32 and first["layout"] == LAYOUT
     assert second["loss"] is None and second["grad_norm"] is None
