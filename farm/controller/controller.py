@@ -10,6 +10,7 @@ planned by farm/controller/recovery.py and started from the newest valid checkpo
 from __future__ import annotations
 
 import dataclasses
+import math
 import signal
 import sys
 import time
@@ -85,6 +86,8 @@ class Controller:
         self.step = 0
         """The last step every rank completed."""
         self.failures = 0
+        self.nonfinite: Counter[int] = Counter()
+        """Non-finite losses per step: a second one at the same step is a repeat with the same samples."""
         self.node_faults: Counter[str] = Counter()
         """Faults per node since its last good step: two in a row exclude it (the policy decides)."""
         self.seen_gone: set[str] = set()
@@ -229,6 +232,11 @@ class Controller:
         elapsed = time.perf_counter() - started
         self.step_timeout.observe(elapsed)
         report = reports[self.attempt.reporter][-1]
+        if not math.isfinite(float(report["loss"])):
+            return self._nonfinite_loss(float(report["loss"]))
+        if self.nonfinite[state.step + 1]:
+            self.tracker.event("transient_fault", step=state.step + 1, fault="nonfinite",
+                               detail=f"step {state.step + 1} re-run from the newest state: its loss is finite")
         self._log_step([r[-1] for r in reports], elapsed)
         step = self.step = int(report["step"])
         self.step_done_at = time.monotonic()
@@ -249,6 +257,20 @@ class Controller:
         if self.should_checkpoint(step):
             self._save(step)
         return Training(step=step)
+
+    def _nonfinite_loss(self, loss: float) -> State:
+        step = self.step + 1
+        self.nonfinite[step] += 1
+        reporter = self.attempt.reporter
+        node = next(r.node for r in self.attempt.plan.ranks if r.rank == reporter)
+        fault = WorkerFault(rank=reporter, node=node, kind="nonfinite",
+                            detail=f"loss {loss} at step {step} (global positions {self._positions(step)})")
+        return self._on_fault(fault, f"the loss is {loss}")
+
+    def _positions(self, step: int) -> str:
+        """The global sample-order positions step ``step`` trains (docs/design.md, invariant 1)."""
+        g = self.p.train.global_batch
+        return f"{(step - 1) * g}..{step * g - 1}"
 
     def _stragglers(self, reports: list[list[dict[str, Any]]], step: int) -> State | None:
         """Report ranks whose own compute stays slow; with run.exclude_stragglers, fault their node."""
@@ -352,13 +374,15 @@ class Controller:
             farm = dataclasses.replace(farm, spares=tuple(n for n in farm.spares if n.id in alive))
         context = FailureContext(step=self.step, failures=self.failures, plan=attempt.plan, farm=farm,
                                  lost=tuple(sorted(lost)), last_checkpoint=self.last_checkpoint,
-                                 repeats=self.node_faults[fault.node])
+                                 repeats=self.node_faults[fault.node], nonfinite_events=sum(self.nonfinite.values()),
+                                 nonfinite_repeat=fault.kind == "nonfinite" and self.nonfinite[self.step + 1] > 1)
         return dataclasses.replace(context, **changes)
 
     def _recover(self, state: Recovering) -> State:
         fault = state.fault
         self.failures += 1
-        self.node_faults[fault.node] += 1
+        if fault.kind != "nonfinite":  # the math, not the node: it never excludes a node
+            self.node_faults[fault.node] += 1
         self.tracker.event("failure", step=state.step, rank=fault.rank, node=fault.node, fault=fault.kind,
                            detail=fault.detail, attempt=self.attempt.number)
         self._drop_group()  # phase 1: every actor goes; the next attempt starts its own
@@ -367,9 +391,13 @@ class Controller:
             return Failed(step=state.step, error=WorkerFailure(f"{state.message} at step {state.step + 1}. "
                                                                f"{decision.reason}"))
         if isinstance(decision, SkipBatch):
+            self.tracker.event("skip_batch", step=decision.step, positions=self._positions(decision.step),
+                               executed=False)
             return Failed(step=state.step, error=WorkerFailure(
-                f"{decision.reason}, but skipping a batch is not built yet; the newest valid checkpoint is "
-                f"{_step_text(self.last_checkpoint)}; lower train.lr and {_resume_hint(self.last_checkpoint)}"))
+                f"{decision.reason} (global positions {self._positions(decision.step)} of the sample order), "
+                "but stepping the data cursor over one global batch is not built, so the run stops here; the "
+                f"newest valid checkpoint is {_step_text(self.last_checkpoint)}: lower train.lr or raise "
+                f"train.warmup_steps, then {_resume_hint(self.last_checkpoint)}"))
         if isinstance(decision, Noop):
             decision = Restart(reason=decision.reason)
         return self._next(decision, step=state.step, fault=fault, detected_at=state.detected_at)

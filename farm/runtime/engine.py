@@ -23,7 +23,6 @@ import torch.distributed as dist
 from farm.checkpoint import SliceEntry
 from farm.config import ModelConfig, TrainConfig
 from farm.data import MicroBatch
-from farm.errors import TrainingDiverged
 from farm.runtime.groups import DeepSpeedMPU, ParallelContext
 from farm.runtime.model import GPT
 from farm.runtime.pipeline import PipelineStage, run_pipeline_step
@@ -175,11 +174,8 @@ class TrainEngine:
         if self.ctx.last_stage:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.ctx.dp_group)
             mean = float(total) / (self.grad_accum * self.ctx.dp)
-            if not math.isfinite(mean):
-                raise TrainingDiverged(
-                    f"loss is {mean} at step {step + 1}; the run stopped. Lower train.lr or train.grad_clip, "
-                    "then resume from the last checkpoint"
-                )
+            # A non-finite loss is reported, not raised: the controller rolls the step back (its update
+            # is already applied) and decides whether to re-run it, skip it or stop.
         norm = self.engine.get_global_grad_norm() if self.zero_stage else self._norm
         self.step = step + 1
         return StepResult(step=self.step, loss=mean, grad_norm=float(norm) if norm is not None else float("nan"),

@@ -53,7 +53,7 @@ class Cluster:
 
 
 def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster, log: list[Any],
-               slow: dict[str, float] | None = None) -> type:
+               slow: dict[str, float] | None = None, nan: set[tuple[int, int]] | None = None) -> type:
     """A WorkerGroup stand-in; ``script[(attempt, step)] = (node, kind)`` fails that step there;
     ranks on a node of ``slow`` report that many times the others' compute time."""
 
@@ -88,7 +88,8 @@ def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster,
             if method == "run_steps":
                 self._fail_if_scripted(self.step + 1)
                 self.step += 1
-                report = {"step": self.step, "loss": 10.0 / self.step, "lr": 1e-3, "grad_norm": 1.0,
+                loss = float("nan") if (self.attempt, self.step) in (nan or set()) else 10.0 / self.step
+                report = {"step": self.step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0,
                           "samples": self.step * TRAIN.global_batch}
                 return [[{**report, "compute_s": 0.01 * (slow or {}).get(r.node, 1.0)}]
                         for r in sorted(self.plan.ranks, key=lambda r: r.rank)]
@@ -114,7 +115,7 @@ def local_farm(spares: int = 0) -> Farm:
 
 
 def make(tmp_path: Path, *, script: dict[tuple[int, int], tuple[str, str]], spares: int = 0,
-         policy: Any = None, slow: dict[str, float] | None = None,
+         policy: Any = None, slow: dict[str, float] | None = None, nan: set[tuple[int, int]] | None = None,
          run: RunConfig | None = None) -> tuple[Controller, Cluster, list[Any]]:
     farm = local_farm(spares)
     plan = make_plan(model=TINY, train=TRAIN, parallel=DP_ONLY, farm=farm)
@@ -126,7 +127,7 @@ def make(tmp_path: Path, *, script: dict[tuple[int, int], tuple[str, str]], spar
     cluster = Cluster([n.id for n in (*farm.nodes, *farm.spares)])
     log: list[Any] = []
     controller = Controller(parts, tracker=tracker, policy=policy or ElasticPolicy())
-    controller.worker_group_cls = fake_group(script, cluster, log, slow)
+    controller.worker_group_cls = fake_group(script, cluster, log, slow, nan)
     controller.cluster_nodes = cluster
     # The checkpoints the fake group committed are the restore points.
     controller._restore_point = lambda: (  # type: ignore[method-assign]
@@ -247,3 +248,27 @@ def test_an_excluded_straggler_is_replanned_away(tmp_path: Path) -> None:
     groups = [entry for entry in log if entry[0] == "group"]
     assert groups[-1][4] == ["node-0", "node-1"], "node-2 is out of the layout"
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 21))
+
+
+def test_a_non_finite_loss_once_is_rolled_back_and_re_run(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={}, nan={(0, 7)})
+    finished = controller.run(resume_path=None, resume_step=0)
+    assert finished.step == 20
+    failure = events(tmp_path, "failure")[0]
+    assert failure["fault"] == "nonfinite" and failure["step"] == 6 and "positions 144..167" in failure["detail"]
+    assert events(tmp_path, "decision")[0]["decision"] == "rollback"
+    assert events(tmp_path, "restore")[0]["step"] == 5
+    assert events(tmp_path, "transient_fault")[0]["step"] == 7
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 21))
+    groups = [entry for entry in log if entry[0] == "group"]
+    assert groups[1][1:4] == (1, 6, 1), "same layout: the math, not a node, failed"
+
+
+def test_a_non_finite_loss_again_with_the_same_samples_stops_naming_them(tmp_path: Path) -> None:
+    controller, _, _ = make(tmp_path, script={}, nan={(0, 7), (1, 7)})
+    with pytest.raises(WorkerFailure, match=r"step 7 is not finite again with the same samples.*positions 144..167"
+                                            r".*newest valid checkpoint is step 5"):
+        controller.run(resume_path=None, resume_step=0)
+    assert [e["decision"] for e in events(tmp_path, "decision")] == ["rollback", "skip_batch"]
+    assert events(tmp_path, "skip_batch")[0]["step"] == 7
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7)), "no non-finite step is logged"
