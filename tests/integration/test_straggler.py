@@ -22,9 +22,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STEPS = 40
 
 
-def throttle(pid: int, stop: threading.Event, *, off_s: float = 0.006, on_s: float = 0.003) -> None:
+def throttle(pid: int, stop: threading.Event, *, off_s: float = 0.010, on_s: float = 0.002) -> None:
     """Let ``pid`` run only on_s out of every off_s + on_s seconds, until it is gone or ``stop`` is set:
-    cycles shorter than one forward pass, so every forward of it is about three times slower."""
+    cycles shorter than one forward pass. Six ranks share 2 cores here, so a rank stopped 5/6 of
+    the time computes about 2-3x slower than its peers, not 6x."""
     while not stop.is_set():
         try:
             os.kill(pid, signal.SIGSTOP)
