@@ -233,7 +233,7 @@ class RunConfig:
     straggler_factor: float = 1.5
     """A rank whose forward compute takes more than this times its stage's median is slow..."""
     straggler_steps: int = 20
-    """...and a straggler once it stays slow for this many steps in a row."""
+    """...and a straggler when its median ratio over this many recent steps is slow."""
     dry_run: bool = False
     """Preflight only: print the plan, the data, the run directory's state and the step a launch would
     resume from, and whether Ray has the resources; start no worker and write nothing."""
