@@ -33,10 +33,12 @@ from farm.tracking.wandb_run import WandbRun, resolve_run_id
 
 EVENT_KINDS = ("start", "workers", "resume", "plan", "checkpoint", "checkpoint_skipped", "checkpoint_failed",
                "failure", "decision", "replan", "restore", "recovery", "rejoin", "straggler", "skip_batch",
+               "transient_fault", "cluster",
                "preempt", "end")
 """The kinds the controller logs; others are accepted, these are the ones readers look for."""
 _CONSOLE_EVENTS = {"failure": "bold red", "decision": "yellow", "recovery": "green", "preempt": "yellow",
                    "rejoin": "green", "straggler": "yellow", "skip_batch": "yellow", "restore": "green",
+                   "transient_fault": "yellow",
                    "checkpoint_failed": "bold red", "checkpoint_skipped": "yellow"}
 _RESERVED = ("time", "unix", "event")
 
