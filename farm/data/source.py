@@ -7,6 +7,7 @@ the only cache. Random access by global row id is a search over cumulative row c
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -127,20 +128,46 @@ class ArrowShardSource:
     def take(self, global_rows: np.ndarray) -> np.ndarray:
         """Rows by global id, in the given order, as a new int64 array (n, row_len)."""
         rows = self._checked(global_rows)
-        block = np.searchsorted(self._block_start, rows, side="right") - 1
-        offset = self._block_offset[block] + (rows - self._block_start[block]) * self.row_len
-        shard = self._block_shard[block]
-        # Widened to int64 while gathering: one pass over the rows, no temporary in the stored type.
         out = np.empty((len(rows), self.row_len), dtype=np.int64)
         if len(rows) <= 32:
-            for i, (s, o) in enumerate(zip(shard.tolist(), offset.tolist())):
+            block = np.searchsorted(self._block_start, rows, side="right") - 1
+            offset = self._block_offset[block] + (rows - self._block_start[block]) * self.row_len
+            for i, (s, o) in enumerate(zip(self._block_shard[block].tolist(), offset.tolist())):
                 out[i] = self._windows[s][o]
-        else:
-            by_shard = np.argsort(shard, kind="stable")
-            cuts = np.flatnonzero(np.diff(shard[by_shard])) + 1
-            for group in np.split(by_shard, cuts):
-                out[group] = self._windows[shard[group[0]]][offset[group]]
+            return out
+        # Gathered in ascending row order, which walks each file forwards (a fraction of the time a
+        # gather in sample order takes), then put back in the asked order by one scatter that also
+        # widens to int64.
+        by_row = np.argsort(rows, kind="stable")
+        ordered = rows[by_row]
+        block = np.searchsorted(self._block_start, ordered, side="right") - 1
+        offset = self._block_offset[block] + (ordered - self._block_start[block]) * self.row_len
+        gathered = np.empty(out.shape, dtype=self._windows[0].dtype)
+        # Shards hold consecutive row ranges, so the sorted rows fall into one run per shard.
+        bounds = np.searchsorted(ordered, self._shard_start).tolist()
+        for shard, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if lo == hi:
+                continue
+            first = int(ordered[lo])
+            if int(ordered[hi - 1]) - first == hi - lo - 1 and self._consecutive(ordered[lo:hi]):
+                self._copy_batches(shard, first - int(self._shard_start[shard]), gathered[lo:hi])
+            else:
+                gathered[lo:hi] = self._windows[shard][offset[lo:hi]]
+        out[by_row] = gathered
         return out
+
+    @staticmethod
+    def _consecutive(ordered: np.ndarray) -> bool:
+        return len(ordered) == 1 or bool((np.diff(ordered) == 1).all())
+
+    def _copy_batches(self, shard: int, row: int, into: np.ndarray) -> None:
+        """Consecutive rows of ``shard`` from ``row`` on: whole record batches, no index."""
+        for block in self.open_shard_at_row(self.manifest.shards[shard].file, row):
+            n = min(len(block), len(into))
+            into[:n] = block[:n]
+            into = into[n:]
+            if not len(into):
+                return
 
     def _checked(self, global_rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(global_rows, dtype=np.int64).reshape(-1)

@@ -29,9 +29,13 @@ class RowSource(Protocol):
     def take(self, global_rows: np.ndarray) -> np.ndarray: ...
 
 
-@dataclass(frozen=True, eq=False, slots=True)
+@dataclass(eq=False, slots=True)
 class MicroBatch:
-    """Rows of one forward/backward pass: tokens[:, :-1] are inputs, tokens[:, 1:] targets."""
+    """Rows of one forward/backward pass: tokens[:, :-1] are inputs, tokens[:, 1:] targets.
+
+    Not frozen: a frozen dataclass's ``__init__`` costs four times as much, and with small
+    micro-batches building them was a quarter of the stream's time (docs/benchmarks.md).
+    """
 
     step: int
     micro: int
@@ -84,10 +88,9 @@ class MicroBatchStream:
         self.prefetch = prefetch
         self.parcel_size = max(1, parcel_tokens // (layout.micro_batch * source.row_len))
         """Micro-batches per parcel."""
-        self._next_step = start_step  # first step not yet fully handed out
         self._last_micro = layout.grad_accum - 1
-        self._parcel: list[MicroBatch] = []
-        self._pos = 0
+        self._last: MicroBatch | None = None  # the newest handed out: the cursor follows from it
+        self._parcel: Iterator[MicroBatch] = iter(())
         self._final: _End | _Failed | None = None
         self._stop = threading.Event()
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=-(-max(1, prefetch) // self.parcel_size))
@@ -109,10 +112,7 @@ class MicroBatchStream:
             first = steps * lay.global_batch + (micros * lay.dp_size + lay.dp_rank) * b
             ids = self.order.at((first[:, None] + np.arange(b)).reshape(-1)).reshape(count, b)
             tokens = self.source.take(ids.reshape(-1)).reshape(count, b, -1)
-            yield [
-                MicroBatch(step=s, micro=m, tokens=tokens[i], sample_ids=ids[i])
-                for i, (s, m) in enumerate(zip(steps.tolist(), micros.tolist()))
-            ]
+            yield list(map(MicroBatch, steps.tolist(), micros.tolist(), tokens, ids))
             index += count
 
     def _run(self) -> None:
@@ -140,19 +140,18 @@ class MicroBatchStream:
         return self
 
     def __next__(self) -> MicroBatch:
-        while self._pos >= len(self._parcel):
+        mb = next(self._parcel, None)
+        while mb is None:
             self._next_parcel()
-        mb = self._parcel[self._pos]
-        self._pos += 1
-        if mb.micro == self._last_micro:
-            self._next_step = mb.step + 1
+            mb = next(self._parcel, None)
+        self._last = mb
         return mb
 
     def _next_parcel(self) -> None:
         """Replace the used-up parcel, or raise the end or error (again on every later call)."""
         item = self._final if self._final is not None else self._fetch()
         if isinstance(item, list):
-            self._parcel, self._pos = item, 0
+            self._parcel = iter(item)
             return
         self._final = item
         if isinstance(item, _Failed):
@@ -185,7 +184,10 @@ class MicroBatchStream:
     @property
     def consumed(self) -> int:
         """Samples of all fully handed-out steps, across all ranks."""
-        return self._next_step * self.layout.global_batch
+        last = self._last
+        if last is None:
+            return self.start_step * self.layout.global_batch
+        return (last.step + (last.micro == self._last_micro)) * self.layout.global_batch
 
     def state_dict(self) -> dict[str, Any]:
         """The data cursor after the last step whose every micro-batch was handed out."""
@@ -194,7 +196,7 @@ class MicroBatchStream:
     def close(self) -> None:
         """Stop the prefetch thread; iterating afterwards ends at once."""
         self._stop.set()
-        self._parcel, self._pos = [], 0
+        self._parcel = iter(())
         if self._final is None:
             self._final = _End()
         thread = self._thread
