@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,22 +72,46 @@ def _init_kwargs() -> dict[str, Any]:
     }
 
 
+LOCAL = "local"
+"""``run.ray_address`` value that always starts a private cluster, whatever RAY_ADDRESS says."""
+
+
+def resolve_address(address: str | None, environ: Mapping[str, str]) -> tuple[str | None, str]:
+    """(the cluster to join, None for a private one; where that choice came from).
+
+    ``run.ray_address`` wins; left unset, the ``RAY_ADDRESS`` of the environment (set by
+    ``ray job submit`` and by users who point their tools at a cluster) names the cluster to join.
+    """
+    if address == LOCAL:
+        return None, f"run.ray_address={LOCAL}"
+    if address is not None:
+        return address, f"run.ray_address={address}"
+    env = environ.get("RAY_ADDRESS", "").strip()
+    if not env:
+        return None, "no run.ray_address and no RAY_ADDRESS"
+    if "://" in env:
+        raise StartupFailure(
+            f"RAY_ADDRESS={env} is a URL (a dashboard's, for `ray job submit`, or a Ray client's), not a "
+            "cluster a driver joins: submit farm with `ray job submit --address "
+            f"{env} -- python -m farm.launch ...`, pass run.ray_address=HOST:PORT (the GCS port, 6379 by "
+            f"default), or run.ray_address={LOCAL} for a private cluster"
+        )
+    return env, f"RAY_ADDRESS={env}"
+
+
 def connect(farm: Farm, *, address: str | None) -> RayHandle:
-    """Connect to ``address`` or start a private cluster shaped like ``farm``."""
+    """Join the cluster ``address`` (or RAY_ADDRESS) names, or start a private one shaped like ``farm``."""
     import ray
 
     os.environ.update({k: v for k, v in _QUIET_ENV.items() if k not in os.environ})
     if ray.is_initialized():
         return RayHandle(address=None, started=False)
-    if address is not None:
-        try:
-            ray.init(address=address, **_init_kwargs())
-        except (ConnectionError, RuntimeError) as err:
-            raise StartupFailure(
-                f"run.ray_address={address}: cannot connect to a Ray cluster there ({err}); start one with "
-                "`ray start --head` or leave run.ray_address unset to start a private one"
-            ) from err
-        return RayHandle(address=address, started=False)
+    target, why = resolve_address(address, os.environ)
+    if target is not None:
+        _join(target, why)
+        print(f"farm: using the Ray cluster at {ray.get_runtime_context().gcs_address} ({why}; "
+              f"run.ray_address={LOCAL} starts a private one instead)", file=sys.stderr, flush=True)
+        return RayHandle(address=target, started=False)
     if farm.emulate != "cpu" and len(farm.nodes) > 1:
         raise StartupFailure(
             f"topology {farm.name!r} has {len(farm.nodes)} real nodes: start Ray on them (see launchers/) and "
@@ -101,6 +127,75 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
                  resources=resources, _node_ip_address="127.0.0.1", **_init_kwargs())
         return RayHandle(address=None, started=True)
     return _start_emulated_cluster(farm, cpus=cpus)
+
+
+def _join(address: str, why: str) -> None:
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    if _token_refused(address):
+        raise StartupFailure(
+            f"{why}: the Ray cluster there uses token authentication and refused this driver's token (none "
+            "or another). Give the driver the cluster's token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN=... "
+            "or RAY_AUTH_TOKEN_PATH=FILE (or ~/.ray/auth_token), the token the head was started with"
+        )
+    try:
+        ray.init(address=address, **_init_kwargs())
+    except AuthenticationError as err:
+        raise StartupFailure(
+            f"{why}: the Ray cluster there uses token authentication and refused this driver's token "
+            f"({_first_sentence(err)}). Give the driver the cluster's token: RAY_AUTH_MODE=token with "
+            "RAY_AUTH_TOKEN=... or RAY_AUTH_TOKEN_PATH=FILE (or ~/.ray/auth_token), the token the head was "
+            "started with"
+        ) from None
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        if _is_auth_refusal(err):
+            raise StartupFailure(
+                f"{why}: the Ray cluster there refused this driver (token authentication: "
+                f"{_first_sentence(err)}). Set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH) in the driver's environment"
+            ) from None
+        raise StartupFailure(
+            f"{why}: cannot connect to a Ray cluster there ({_first_sentence(err)}); start one with "
+            f"`ray start --head`, fix the address, or pass run.ray_address={LOCAL} to start a private one"
+        ) from err
+
+
+def _token_refused(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether the GCS at ``address`` refuses this driver's token, asked in one call.
+
+    ``ray.init`` retries a refused token for about 20 s and then reports only "Failed to connect", its
+    reason in C++ log lines; one gRPC call carrying the token Ray would send answers at once. Any other
+    outcome (an answer, nothing listening, ``auto``) is left to ``ray.init`` and its own errors.
+    """
+    if ":" not in address:
+        return False
+    try:
+        import grpc
+        from ray._private.authentication.grpc_authentication_client_interceptor import (
+            _get_authentication_metadata_tuple,
+        )
+
+        metadata = _get_authentication_metadata_tuple()
+    except Exception:  # a Ray without token authentication: nothing to ask
+        return False
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as err:
+            return bool(err.code() == grpc.StatusCode.UNAUTHENTICATED)
+    return False
+
+
+def _is_auth_refusal(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(word in text for word in ("unauthenticated", "authentication", "auth token", "auth_token"))
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text.split(". ")[0] if text else type(err).__name__)[:300]
 
 
 def _loopback_only() -> None:

@@ -8,6 +8,7 @@ stops the run within seconds instead of hanging it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -54,6 +55,49 @@ def _bundle(spec: AcceleratorSpec, devices: int, node_resources: dict[str, float
     return bundle
 
 
+def actor_name(rank: int, node: str) -> str:
+    """What the Ray dashboard and `ray list actors` show for a worker."""
+    return f"farm-rank-{rank}@{node}"
+
+
+_groups_started = 0
+"""Worker groups this driver has started: each gets its own Ray namespace, ``farm-<pid>-a<n>``, so
+the actor names of a group rebuilt after a failure never meet those of the group it replaces, whose
+actors Ray may still be tearing down (``ray.kill`` returns before the names are free)."""
+
+
+def unplaceable(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str, Any]], *,
+                spread: bool) -> list[int]:
+    """Indices of the bundles that no alive node of ``nodes`` (``ray.nodes()``) could ever hold, by
+    its total resources; with ``spread`` each bundle needs a node of its own."""
+    totals = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
+    fits = [[i for i, total in enumerate(totals) if all(total.get(k, 0.0) >= v for k, v in b.items())]
+            for b in bundles]
+    taken: set[int] = set()
+    missing = []
+    for index in sorted(range(len(bundles)), key=lambda i: len(fits[i])):  # scarcest first
+        free = [i for i in fits[index] if i not in taken] if spread else fits[index]
+        if not free:
+            missing.append(index)
+        elif spread:
+            taken.add(free[0])
+    return sorted(missing)
+
+
+def ray_start_command(resources: dict[str, float], *, address: str) -> str:
+    """The `ray start` that adds a node carrying ``resources`` to the cluster at ``address``."""
+    flags = [f"--address={address}"]
+    custom = dict(resources)
+    if "GPU" in custom:
+        flags.append(f"--num-gpus={int(custom.pop('GPU'))}")
+    if "CPU" in custom:
+        flags.append(f"--num-cpus={int(custom.pop('CPU'))}")
+    if custom:
+        text = json.dumps({k: int(v) if float(v).is_integer() else v for k, v in custom.items()})
+        flags.append(f"--resources='{text}'")
+    return "ray start " + " ".join(flags)
+
+
 def _actor_resources(spec: AcceleratorSpec) -> dict[str, Any]:
     if spec.ray_resource == "GPU":
         return {"num_cpus": 0, "num_gpus": 1}
@@ -79,7 +123,11 @@ class WorkerGroup:
             for n in nodes
         ]
         strategy = "PACK" if farm.emulate == "cpu" else "STRICT_SPREAD"
-        self.pg = placement_group(bundles, strategy=strategy, name=f"farm-{os.getpid()}")
+        _check_resources(farm, nodes, bundles, spread=strategy == "STRICT_SPREAD")
+        global _groups_started
+        self.namespace = f"farm-{os.getpid()}-a{_groups_started}"
+        _groups_started += 1
+        self.pg = placement_group(bundles, strategy=strategy, name=self.namespace)
         ready, _ = ray.wait([self.pg.ready()], timeout=startup_timeout_s)
         if not ready:
             ray.util.remove_placement_group(self.pg)
@@ -102,6 +150,7 @@ class WorkerGroup:
             env = {"DS_ACCELERATOR": spec.ds_accelerator, "OMP_NUM_THREADS": str(threads)}
             self.actors.append(
                 actor_cls.options(scheduling_strategy=strategy_obj, runtime_env={"env_vars": env},
+                                  name=actor_name(r.rank, r.node), namespace=self.namespace,
                                   **_actor_resources(spec)).remote(wspec)
             )
         self.infos = self.call("info", timeout=startup_timeout_s, what="starting workers", startup=True)
@@ -235,6 +284,29 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         ray.util.remove_placement_group(self.pg)
+
+
+def _check_resources(farm: Farm, nodes: list[str], bundles: list[dict[str, float]], *, spread: bool) -> None:
+    """Fail at once, with the `ray start` that would fix it, when the cluster can never place the
+    group, instead of waiting out run.startup_timeout_s."""
+    import ray
+
+    missing = unplaceable(bundles, ray.nodes(), spread=spread)
+    if not missing:
+        return
+    by_id = {n.id: n for n in farm.nodes}
+    address = ray.get_runtime_context().gcs_address
+    commands = []
+    for index in missing:
+        node = by_id[nodes[index]]
+        wanted = farm.node_resources(node) if farm.emulate == "cpu" else dict(bundles[index])
+        commands.append(f"  node {node.id}: {ray_start_command(wanted, address=address)}")
+    raise StartupFailed(
+        f"the Ray cluster at {address} has no node for {len(missing)} of the topology's {len(bundles)} "
+        f"node(s) ({farm.name!r} asks for {[bundles[i] for i in missing]}; the cluster has "
+        f"{ray.cluster_resources()}). Add them, one `ray start` per node, on the machines that hold the "
+        "devices:\n" + "\n".join(commands)
+    )
 
 
 def _first_line(err: BaseException) -> str:
