@@ -128,21 +128,20 @@ class ArrowShardSource:
     def take(self, global_rows: np.ndarray) -> np.ndarray:
         """Rows by global id, in the given order, as a new int64 array (n, row_len)."""
         rows = self._checked(global_rows)
-        out = np.empty((len(rows), self.row_len), dtype=np.int64)
         if len(rows) <= 32:
+            out = np.empty((len(rows), self.row_len), dtype=np.int64)
             block = np.searchsorted(self._block_start, rows, side="right") - 1
             offset = self._block_offset[block] + (rows - self._block_start[block]) * self.row_len
             for i, (s, o) in enumerate(zip(self._block_shard[block].tolist(), offset.tolist())):
                 out[i] = self._windows[s][o]
             return out
         # Gathered in ascending row order, which walks each file forwards (a fraction of the time a
-        # gather in sample order takes), then put back in the asked order by one scatter that also
-        # widens to int64.
+        # gather in sample order takes), in the stored dtype, then put back in the asked order.
         by_row = np.argsort(rows, kind="stable")
         ordered = rows[by_row]
         block = np.searchsorted(self._block_start, ordered, side="right") - 1
         offset = self._block_offset[block] + (ordered - self._block_start[block]) * self.row_len
-        gathered = np.empty(out.shape, dtype=self._windows[0].dtype)
+        gathered = np.empty((len(rows), self.row_len), dtype=self._windows[0].dtype)
         # Shards hold consecutive row ranges, so the sorted rows fall into one run per shard.
         bounds = np.searchsorted(ordered, self._shard_start).tolist()
         for shard, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -153,8 +152,11 @@ class ArrowShardSource:
                 self._copy_batches(shard, first - int(self._shard_start[shard]), gathered[lo:hi])
             else:
                 gathered[lo:hi] = self._windows[shard][offset[lo:hi]]
-        out[by_row] = gathered
-        return out
+        # Back to the asked order: a gather from the small sorted buffer (reads stay in cache, writes
+        # go in order), widened to int64 in one sequential pass.
+        inverse = np.empty_like(by_row)
+        inverse[by_row] = np.arange(len(by_row))
+        return np.take(gathered, inverse, axis=0).astype(np.int64)
 
     @staticmethod
     def _consecutive(ordered: np.ndarray) -> bool:
