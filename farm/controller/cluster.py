@@ -109,8 +109,12 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
     target, why = resolve_address(address, os.environ)
     if target is not None:
         _join(target, why)
-        print(f"farm: using the Ray cluster at {ray.get_runtime_context().gcs_address} ({why}; "
-              f"run.ray_address={LOCAL} starts a private one instead)", file=sys.stderr, flush=True)
+        print(
+            f"farm: using the Ray cluster at {ray.get_runtime_context().gcs_address} ({why}; "
+            f"run.ray_address={LOCAL} starts a private one instead)",
+            file=sys.stderr,
+            flush=True,
+        )
         return RayHandle(address=target, started=False)
     if farm.emulate != "cpu" and len(farm.nodes) > 1:
         raise StartupFailure(
@@ -123,8 +127,14 @@ def connect(farm: Farm, *, address: str | None) -> RayHandle:
         # Ray counts GPUs itself and takes them as num_gpus, never among the custom resources.
         gpus = resources.pop("GPU", None)
         # address="local": always a new private instance, never one found in /tmp/ray by chance.
-        ray.init(address="local", num_cpus=cpus, num_gpus=None if gpus is None else int(gpus),
-                 resources=resources, _node_ip_address="127.0.0.1", **_init_kwargs())
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            num_gpus=None if gpus is None else int(gpus),
+            resources=resources,
+            _node_ip_address="127.0.0.1",
+            **_init_kwargs(),
+        )
         return RayHandle(address=None, started=True)
     return _start_emulated_cluster(farm, cpus=cpus)
 
@@ -220,9 +230,15 @@ def _start_emulated_cluster(farm: Farm, *, cpus: int) -> RayHandle:
     logging.getLogger("ray").setLevel(logging.WARNING)  # its notes on replaced cluster addresses
 
     # The head carries no farm node, so losing any farm node never takes the cluster down.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "node_ip_address": "127.0.0.1",
-                                                              "include_dashboard": False,
-                                                              "_system_config": dict(EMULATED_HEALTH_CHECK)})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": cpus,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "_system_config": dict(EMULATED_HEALTH_CHECK),
+        },
+    )
     for node in (*farm.nodes, *farm.spares):  # spares are up and idle, ready to take a lost node's place
         cluster.add_node(num_cpus=cpus, resources=farm.node_resources(node), node_ip_address="127.0.0.1")
     cluster.wait_for_nodes()

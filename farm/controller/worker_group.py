@@ -66,13 +66,16 @@ the actor names of a group rebuilt after a failure never meet those of the group
 actors Ray may still be tearing down (``ray.kill`` returns before the names are free)."""
 
 
-def unplaceable(bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str, Any]], *,
-                spread: bool) -> list[int]:
+def unplaceable(
+    bundles: Sequence[dict[str, float]], nodes: Sequence[dict[str, Any]], *, spread: bool
+) -> list[int]:
     """Indices of the bundles that no alive node of ``nodes`` (``ray.nodes()``) could ever hold, by
     its total resources; with ``spread`` each bundle needs a node of its own."""
     totals = [n.get("Resources", {}) for n in nodes if n.get("Alive")]
-    fits = [[i for i, total in enumerate(totals) if all(total.get(k, 0.0) >= v for k, v in b.items())]
-            for b in bundles]
+    fits = [
+        [i for i, total in enumerate(totals) if all(total.get(k, 0.0) >= v for k, v in b.items())]
+        for b in bundles
+    ]
     taken: set[int] = set()
     missing = []
     for index in sorted(range(len(bundles)), key=lambda i: len(fits[i])):  # scarcest first
@@ -118,8 +121,11 @@ class WorkerGroup:
         self.node_of = {r.rank: r.node for r in plan.ranks}
         specs = {n: farm.accelerator(by_id[n].pool) for n in nodes}
         bundles = [
-            _bundle(specs[n], sum(1 for r in plan.ranks if r.node == n),
-                    farm.node_resources(by_id[n]) if farm.emulate == "cpu" else {})
+            _bundle(
+                specs[n],
+                sum(1 for r in plan.ranks if r.node == n),
+                farm.node_resources(by_id[n]) if farm.emulate == "cpu" else {},
+            )
             for n in nodes
         ]
         strategy = "PACK" if farm.emulate == "cpu" else "STRICT_SPREAD"
@@ -142,21 +148,41 @@ class WorkerGroup:
         self.actors: list[Any] = []
         for r in sorted(plan.ranks, key=lambda r: r.rank):
             spec = specs[r.node]
-            wspec = WorkerSpec(rank=r.rank, world_size=world, torch_device=spec.torch_device,
-                               backend=spec.backend, ds_accelerator=spec.ds_accelerator, run_dir=run_dir,
-                               threads=threads, torch_module=spec.torch_module)
+            wspec = WorkerSpec(
+                rank=r.rank,
+                world_size=world,
+                torch_device=spec.torch_device,
+                backend=spec.backend,
+                ds_accelerator=spec.ds_accelerator,
+                run_dir=run_dir,
+                threads=threads,
+                torch_module=spec.torch_module,
+            )
             strategy_obj = PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=nodes.index(r.node))
+                placement_group=self.pg, placement_group_bundle_index=nodes.index(r.node)
+            )
             env = {"DS_ACCELERATOR": spec.ds_accelerator, "OMP_NUM_THREADS": str(threads)}
             self.actors.append(
-                actor_cls.options(scheduling_strategy=strategy_obj, runtime_env={"env_vars": env},
-                                  name=actor_name(r.rank, r.node), namespace=self.namespace,
-                                  **_actor_resources(spec)).remote(wspec)
+                actor_cls.options(
+                    scheduling_strategy=strategy_obj,
+                    runtime_env={"env_vars": env},
+                    name=actor_name(r.rank, r.node),
+                    namespace=self.namespace,
+                    **_actor_resources(spec),
+                ).remote(wspec)
             )
         self.infos = self.call("info", timeout=startup_timeout_s, what="starting workers", startup=True)
 
-    def call(self, method: str, *args: Any, timeout: float, what: str, ranks: Sequence[int] | None = None,
-             startup: bool = False, **kwargs: Any) -> list[Any]:
+    def call(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float,
+        what: str,
+        ranks: Sequence[int] | None = None,
+        startup: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
         """Call ``method`` on the workers (all, or ``ranks``) and return their results in rank order."""
         chosen = range(len(self.actors)) if ranks is None else ranks
         refs = {getattr(self.actors[r], method).remote(*args, **kwargs): r for r in chosen}
@@ -175,13 +201,23 @@ class WorkerGroup:
                 late = sorted(refs[p] for p in pending)
                 frozen = self._frozen(late)
                 blamed = (frozen or late)[0]
-                why = (f"rank(s) {frozen} stopped (no heartbeat); {_ranks(late)} waited on them" if frozen
-                       else f"{_ranks(late)} gave no answer (a hung collective or a stalled node)")
-                fault = WorkerFault(rank=blamed, node=self.node_of[blamed], kind="timeout",
-                                    detail=f"no answer within {timeout:.0f}s" + (", no heartbeat" if frozen else ""))
+                why = (
+                    f"rank(s) {frozen} stopped (no heartbeat); {_ranks(late)} waited on them"
+                    if frozen
+                    else f"{_ranks(late)} gave no answer (a hung collective or a stalled node)"
+                )
+                fault = WorkerFault(
+                    rank=blamed,
+                    node=self.node_of[blamed],
+                    kind="timeout",
+                    detail=f"no answer within {timeout:.0f}s" + (", no heartbeat" if frozen else ""),
+                )
                 error = StartupTimedOut if startup else WorkerFailed
-                raise self._error(error, f"{what}: {why} within {timeout:.0f}s; blamed rank {blamed} on node "
-                                  f"{fault.node}", fault)
+                raise self._error(
+                    error,
+                    f"{what}: {why} within {timeout:.0f}s; blamed rank {blamed} on node {fault.node}",
+                    fault,
+                )
             rank = refs[ready[0]]
             node = self.node_of[rank]
             try:
@@ -189,8 +225,11 @@ class WorkerGroup:
             except RayActorError as err:
                 fault = self._death(rank, err)
                 how = "lost with its node" if fault.loses_node else "died"
-                raise self._error(StartupFailed if startup else WorkerFailed,
-                                  f"{what}: worker rank {rank} on node {node} {how} ({fault.detail})", fault) from None
+                raise self._error(
+                    StartupFailed if startup else WorkerFailed,
+                    f"{what}: worker rank {rank} on node {node} {how} ({fault.detail})",
+                    fault,
+                ) from None
             except RayTaskError as err:
                 cause = err.cause
                 if isinstance(cause, FarmError):
@@ -199,13 +238,20 @@ class WorkerGroup:
                 lost = self._find_lost(pending, refs)
                 if lost is not None:
                     how = "lost with its node" if lost.loses_node else "died"
-                    raise self._error(StartupFailed if startup else WorkerFailed,
-                                      f"{what}: worker rank {lost.rank} on node {lost.node} {how} ({lost.detail})",
-                                      lost) from None
-                fault = WorkerFault(rank=rank, node=node, kind="error", detail=f"{type(cause).__name__}: {cause}")
-                raise self._error(StartupFailed if startup else WorkerFailed,
-                                  f"{what}: worker rank {rank} on node {node} failed: {fault.detail} "
-                                  f"(full traceback in the run directory's logs/rank-{rank:05d}.log)", fault) from None
+                    raise self._error(
+                        StartupFailed if startup else WorkerFailed,
+                        f"{what}: worker rank {lost.rank} on node {lost.node} {how} ({lost.detail})",
+                        lost,
+                    ) from None
+                fault = WorkerFault(
+                    rank=rank, node=node, kind="error", detail=f"{type(cause).__name__}: {cause}"
+                )
+                raise self._error(
+                    StartupFailed if startup else WorkerFailed,
+                    f"{what}: worker rank {rank} on node {node} failed: {fault.detail} "
+                    f"(full traceback in the run directory's logs/rank-{rank:05d}.log)",
+                    fault,
+                ) from None
             except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
                 continue
         return [results[r] for r in sorted(results)]
@@ -223,7 +269,9 @@ class WorkerGroup:
                 continue
         return frozen
 
-    def _find_lost(self, pending: list[Any], refs: dict[Any, int], timeout: float = 20.0) -> WorkerFault | None:
+    def _find_lost(
+        self, pending: list[Any], refs: dict[Any, int], timeout: float = 20.0
+    ) -> WorkerFault | None:
         """A worker whose node Ray reports dead, or whose part of the same call ended with the
         actor's death; None if neither shows up within ``timeout``."""
         import ray
@@ -234,7 +282,9 @@ class WorkerGroup:
         while time.monotonic() < deadline:
             dead = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
             for rank in sorted(r for r, node_id in node_ids.items() if node_id in dead):
-                return WorkerFault(rank=rank, node=self.node_of[rank], kind="node_lost", detail="its node was lost")
+                return WorkerFault(
+                    rank=rank, node=self.node_of[rank], kind="node_lost", detail="its node was lost"
+                )
             if pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -263,7 +313,9 @@ class WorkerGroup:
         deadline = time.monotonic() + NODE_DEATH_WAIT_S
         while node_id is not None:
             if any(n["NodeID"] == node_id and not n["Alive"] for n in ray.nodes()):
-                return WorkerFault(rank=rank, node=node, kind="node_lost", detail=f"its node was lost; {detail}")
+                return WorkerFault(
+                    rank=rank, node=node, kind="node_lost", detail=f"its node was lost; {detail}"
+                )
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.25)
@@ -313,8 +365,11 @@ def _first_line(err: BaseException) -> str:
     """The line of a Ray error that says why: Ray's cause ("...because its node has died") rather than
     its generic first line, when it gives one."""
     text = str(err).strip().splitlines()
-    telling = [line.strip() for line in text
-               if any(word in line.lower() for word in ("died", "lost", "exit", "dead"))]
+    telling = [
+        line.strip()
+        for line in text
+        if any(word in line.lower() for word in ("died", "lost", "exit", "dead"))
+    ]
     causes = [line for line in telling if "died unexpectedly before finishing" not in line]
     chosen = causes or telling
     if chosen:  # its first sentence: the rest (exit type, common causes) is in logs/ray.log
