@@ -55,13 +55,17 @@ try:
 except StartupFailed as err:
     print("LACKING", json.dumps(str(err)), flush=True)
     command = re.search(r"node local-0: (ray start .+)", str(err)).group(1)
-node = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", *shlex.split(command)[2:], "--block",
-                         "--node-ip-address=127.0.0.1", "--num-cpus=2"], start_new_session=True,
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+# As printed, on the machine that holds the devices (this one, on the address the head gave itself).
+log = open(sys.argv[1] + "/node.log", "w")
+node = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", *shlex.split(command)[1:], "--block",
+                         "--num-cpus=2", *shlex.split(sys.argv[3])], start_new_session=True, stdout=log,
+                        stderr=subprocess.STDOUT)
 print("NODE", node.pid, flush=True)
 import time
 deadline = time.monotonic() + 60
-while ray.cluster_resources().get("farm_cpu", 0) < 2 and time.monotonic() < deadline:
+while ray.cluster_resources().get("farm_cpu", 0) < 2:
+    if time.monotonic() > deadline or node.poll() is not None:
+        raise SystemExit("the added node did not join: " + open(sys.argv[1] + "/node.log").read()[-3000:])
     time.sleep(0.25)
 first = WorkerGroup(farm=farm, plan=plan, run_dir=sys.argv[1], startup_timeout_s=60)
 first.shutdown(graceful=False)
@@ -84,6 +88,19 @@ def _free_port() -> int:
 def _listening(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _own_ports() -> list[str]:
+    """Ports of a node's own agents: two nodes on one host must not share Ray's fixed defaults."""
+    flags = [
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-grpc-port",
+        "dashboard-agent-listen-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ]
+    return [f"--{flag}={_free_port()}" for flag in flags]
 
 
 def _kill_group(pid: int) -> None:
@@ -118,6 +135,8 @@ def head(tmp_path: Path) -> Iterator[dict[str, str]]:
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dashboard}",
+                *_own_ports(),
+                f"--ray-client-server-port={_free_port()}",
             ],
             env=with_token,
             stdout=log,
@@ -146,7 +165,7 @@ def head(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 def _driver(tmp_path: Path, env: dict[str, str], dashboard: str, pids: list[int]) -> dict[str, list[str]]:
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(tmp_path), dashboard],
+        [sys.executable, "-c", DRIVER, str(tmp_path), dashboard, " ".join(_own_ports())],
         env=env,
         capture_output=True,
         text=True,
