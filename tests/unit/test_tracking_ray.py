@@ -29,7 +29,7 @@ def test_a_ray_worker_cannot_open_a_tracker(tmp_path: Path) -> None:
             return str(err)
         return "opened"
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with Tracker(
             TrackingConfig(wandb=False),
