@@ -25,6 +25,9 @@ class ModelConfig:
     """A decoder-only transformer (pre-norm, causal attention, MLP)."""
 
     name: str = "gpt-tiny"
+    arch: str = "gpt"
+    """'gpt' (LayerNorm with bias, RoPE on interleaved pairs) or 'llama' (RMSNorm, RoPE on split
+    halves: Hugging Face's LlamaForCausalLM exactly). docs/huggingface.md maps both onto HF classes."""
     n_layers: int = 4
     """Transformer blocks."""
     d_model: int = 128
@@ -47,12 +50,18 @@ class ModelConfig:
     """Share the input embedding with the output head."""
     dropout: float = 0.0
     norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding's frequencies (Llama 3: 500,000)."""
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
     batch_tokens: int | None = None
     """Tokens per optimizer step of the model's published training recipe (Llama 3 405B: 16M); a
     train.global_batch of null takes it (docs/planner.md)."""
+    init_from: str | None = None
+    """Start a new run from these weights instead of a random init: 'hf:PATH', a Hugging Face model
+    directory (config.json, *.safetensors) of this shape, e.g. one farm exported. A run that resumes
+    from its own checkpoint ignores it."""
 
     @property
     def head_dim(self) -> int:
@@ -389,6 +398,23 @@ def _validate_run(r: RunConfig) -> None:
     _positive(r.step_timeout_floor_s, "run.step_timeout_floor_s")
 
 
+def _validate_arch(m: ModelConfig) -> None:
+    from farm.model import ARCH_NAMES
+
+    if m.arch not in ARCH_NAMES:
+        raise ConfigError(f"model.arch={m.arch!r}: use one of {', '.join(ARCH_NAMES)}")
+    if m.arch == "llama" and m.mlp != "swiglu":
+        raise ConfigError(f"model.arch=llama has a SwiGLU MLP: set model.mlp=swiglu (got {m.mlp!r}), "
+                          "or use model.arch=gpt")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.d_model/model.n_heads={m.head_dim}: rotary embeddings need an even head size")
+    _positive(m.rope_theta, "model.rope_theta")
+    if m.init_from is not None and not (m.init_from.startswith("hf:") and len(m.init_from) > 3):
+        raise ConfigError(
+            f"model.init_from={m.init_from!r}: use hf:PATH, a Hugging Face model directory, or null"
+        )
+
+
 def validate(cfg: FarmConfig) -> None:
     """Checks that need no other component: each names the field and says what to change."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
@@ -400,6 +426,7 @@ def validate(cfg: FarmConfig) -> None:
         raise ConfigError(f"model.n_kv_heads={m.kv_heads} must divide model.n_heads={m.n_heads}")
     if m.mlp not in ("gelu", "swiglu"):
         raise ConfigError(f"model.mlp={m.mlp!r}: use gelu or swiglu")
+    _validate_arch(m)
     if m.seq_len != cfg.data.seq_len:
         raise ConfigError(
             f"model.seq_len={m.seq_len} differs from data.seq_len={cfg.data.seq_len}; set both to the "
@@ -443,7 +470,7 @@ MATH_FIELDS: dict[str, tuple[str, ...]] = {
     "model": tuple(
         f.name
         for f in dataclasses.fields(ModelConfig)
-        if f.name not in ("activation_checkpointing", "batch_tokens")
+        if f.name not in ("activation_checkpointing", "batch_tokens", "init_from")
     ),
     "data": ("seq_len",),
     "train": tuple(
@@ -454,12 +481,19 @@ MATH_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+LATER_FIELDS: dict[str, dict[str, Any]] = {"model": {"arch": "gpt", "rope_theta": 10000.0}}
+"""Math fields added after run directories existed, with the value those runs had: left out of the
+view at that value, so an older run directory keeps its identity and resumes."""
+
+
 def math_view(cfg: FarmConfig) -> dict[str, Any]:
     """The part of the config a run directory must keep constant across restarts."""
-    return {
-        section: {name: getattr(getattr(cfg, section), name) for name in names}
-        for section, names in MATH_FIELDS.items()
-    }
+    view = {}
+    for section, names in MATH_FIELDS.items():
+        values = {name: getattr(getattr(cfg, section), name) for name in names}
+        later = LATER_FIELDS.get(section, {})
+        view[section] = {k: v for k, v in values.items() if k not in later or later[k] != v}
+    return view
 
 
 def config_hash(view: dict[str, Any]) -> str:

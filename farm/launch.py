@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from farm import rundir
 from farm._hydra import hydra_entry, note_sweep_accepted, to_farm_config
+from farm.checkpoint.hf import MODEL_CONFIG_KEY, TOKENIZER_KEY, check_init_from
 from farm.checkpoint.resume import (
     CORRUPT_DIR,
     SUPERSEDED_DIR,
@@ -38,6 +39,7 @@ from farm.checkpoint.resume import (
     no_sound_checkpoint,
 )
 from farm.config import FarmConfig
+from farm.data.manifest import TOKENIZER_NAME
 from farm.errors import CheckpointCorrupt, ConfigError, DataError, PlanError, RunDirError
 from farm.plan import Plan, make_plan
 from farm.runlock import RunDirLock, os_problem
@@ -145,8 +147,11 @@ class Launch:
     """Names this launch in the checkpoints it writes, so retention deletes only its own."""
 
     def checkpoint_meta(self, resumed_from: int) -> dict[str, Any]:
+        # The model config and the tokenizer make each step dir self-describing (export-hf reads them).
+        model = {**dataclasses.asdict(self.cfg.model), "vocab_size": self.vocab}
+        tokenizer = str((Path(self.cfg.data.dir) / TOKENIZER_NAME).resolve())
         return {"config_hash": self.identity.config_hash, **self.checkpoint.meta(), "writer": self.writer,
-                "resumed_from": resumed_from}
+                "resumed_from": resumed_from, MODEL_CONFIG_KEY: model, TOKENIZER_KEY: tokenizer}
 
 
 def check_launch(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = None) -> Launch:
@@ -166,6 +171,8 @@ def check_launch(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = 
                             keep_every=cfg.checkpoint.keep_every)
     choice = choose_resume(store, identity=ckpt, resume=cfg.checkpoint.resume,
                            allow_fresh_start=cfg.checkpoint.allow_fresh_start)
+    if cfg.model.init_from is not None and choice.step == 0:
+        check_init_from(cfg.model, vocab=vocab, tokenizer_sha256=manifest.tokenizer_sha256)
     return Launch(cfg, run_dir, farm, plan, precision, vocab, identity, new, ckpt, choice)
 
 

@@ -1,8 +1,10 @@
-"""``python -m farm.checkpoint inspect PATH``: what a checkpoint holds and whether it is sound.
+"""``python -m farm.checkpoint inspect PATH``: what a checkpoint holds and whether it is sound;
+``python -m farm.checkpoint export-hf RUN_DIR [--step N] OUT_DIR``: a Hugging Face model directory.
 
 PATH is a run directory (its ``checkpoints/`` is inspected), a checkpoints root, or one step
-directory. Exit status 0 when every inspected checkpoint is valid, 1 when one is not, 2 when there
-is nothing to inspect.
+directory. ``inspect --tensors`` also lists the newest checkpoint's tensors (name, shape, dtype).
+Exit status 0 when every inspected checkpoint is valid (or the export is written), 1 when one is
+not, 2 when there is nothing to inspect or the input is wrong.
 """
 
 from __future__ import annotations
@@ -129,6 +131,54 @@ def _print(console: Console, summaries: list[dict[str, Any]]) -> None:
     console.print(detail)
 
 
+def tensor_table(path: Path) -> list[dict[str, Any]]:
+    """Every tensor of one step directory: logical name, global shape, dtype and stored slices."""
+    manifest = parse_manifest((path / MANIFEST).read_bytes())
+    return [
+        {"name": name, "shape": list(rec.global_shape), "dtype": rec.dtype, "slices": len(rec.slices)}
+        for name, rec in sorted(manifest.tensors.items())
+    ]
+
+
+def _print_tensors(console: Console, path: Path, rows: list[dict[str, Any]]) -> None:
+    table = Table(title=f"tensors of {path}")
+    for col in ("name", "shape", "dtype", "slices"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], str(row["slices"]))
+    console.print(table)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    summaries = [summarize(p, full=not args.quick) for p in _targets(args.path)]
+    valid = not any(s["status"] == "CORRUPT" for s in summaries)
+    newest = Path(summaries[-1]["path"])
+    tensors = tensor_table(newest) if args.tensors and summaries[-1]["step"] is not None else None
+    if args.json:
+        out: dict[str, Any] = {"path": str(args.path), "valid": valid, "checkpoints": summaries}
+        if tensors is not None:
+            out["tensors"] = tensors
+        print(json.dumps(out, indent=2))
+    else:
+        console = Console()
+        _print(console, summaries)
+        if tensors is not None:
+            _print_tensors(console, newest, tensors)
+    return 0 if valid else 1
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from farm.checkpoint.hf import export_hf
+
+    done = export_hf(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer)
+    print(
+        f"step {done.step} written to {done.out_dir} as {done.hf_class}: {done.tensors} tensors, "
+        f"{done.params:,} parameters; load it with transformers' AutoModelForCausalLM.from_pretrained"
+        f"({str(done.out_dir)!r}) and AutoTokenizer"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m farm.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,18 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("path", type=Path, help="a run directory, a checkpoints root, or one step directory")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of tables")
     inspect.add_argument("--quick", action="store_true", help="check file sizes only, not sha256")
+    inspect.add_argument(
+        "--tensors", action="store_true", help="list the newest checkpoint's tensors: name, shape, dtype"
+    )
+    export = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face model directory")
+    export.add_argument(
+        "run_dir", type=Path, help="a run directory, a checkpoints root, or one step directory"
+    )
+    export.add_argument("out_dir", type=Path, help="a new or empty directory")
+    export.add_argument(
+        "--step", type=int, default=None, help="the step to export (default: the newest sound one)"
+    )
+    export.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="the run's tokenizer.json, when it is not where the run recorded it",
+    )
     args = parser.parse_args(argv)
     try:
-        summaries = [summarize(p, full=not args.quick) for p in _targets(args.path)]
+        return _inspect(args) if args.command == "inspect" else _export_hf(args)
     except FarmError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    valid = not any(s["status"] == "CORRUPT" for s in summaries)
-    if args.json:
-        print(json.dumps({"path": str(args.path), "valid": valid, "checkpoints": summaries}, indent=2))
-    else:
-        _print(Console(), summaries)
-    return 0 if valid else 1
 
 
 if __name__ == "__main__":

@@ -363,6 +363,21 @@ class TrainEngine:
         self.step = step
 
 
+    def import_weights(self, read: Callable[..., torch.Tensor]) -> None:
+        """Only the weights, through ``read(name, index)``, into any layout; the optimizer starts
+        afresh at step 0 (model.init_from)."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if self.zero_stage:
+            self._link_zero_state()
+        with torch.no_grad():
+            for name, p in self.module.named_parameters():
+                weight = _read_local(read, f"model/{name}", self.specs.get(name))
+                p.copy_(weight.to(p.dtype))
+                if self.zero_stage:
+                    safe_set_full_fp32_param(p, weight.float())  # ZeRO's fp32 master partition
+
+
 def _slices(value: torch.Tensor, spec: ShardSpec | None) -> list[SliceEntry]:
     """A local tensor as slices of its logical tensor, one per shard block."""
     if spec is None or spec.size == 1:

@@ -1,5 +1,6 @@
 """A decoder-only transformer: pre-norm blocks, causal attention with RoPE and optional grouped-query
-heads, GELU or SwiGLU MLP, tied or untied embeddings.
+heads, GELU or SwiGLU MLP, tied or untied embeddings. ``model.arch`` picks the norm and the RoPE
+layout (farm/model/arch.py: 'gpt' LayerNorm and interleaved pairs, 'llama' RMSNorm and halves).
 
 One class serves every layout: with a tensor-parallel group the linear layers, the embedding and the
 loss are Megatron-style parallel (farm/runtime/tensor_parallel.py); with a pipeline stage it holds
@@ -20,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from farm.config import ModelConfig
+from farm.model.arch import get_arch
 from farm.runtime.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -48,19 +50,6 @@ def padded_vocab(model: ModelConfig, tokenizer_vocab: int) -> int:
     return (tokenizer_vocab + m - 1) // m * m
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); rotates pairs (even, odd) of each head."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
-    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group: Any) -> None:
         super().__init__()
@@ -71,6 +60,7 @@ class Attention(nn.Module):
                                         sections=qkv_sections(cfg))
         self.proj = RowParallelLinear(cfg.n_heads * hd, cfg.d_model, group=tp_group)
         self.dropout = cfg.dropout
+        self.rope = get_arch(cfg.arch).apply_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -79,7 +69,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         if self.kv_heads != self.n_heads:
             rep = self.n_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -108,9 +98,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group: Any) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        norm = get_arch(cfg.arch).norm
+        self.norm1 = norm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, tp_group)
-        self.norm2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm2 = norm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg, tp_group)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -150,10 +141,11 @@ class GPT(nn.Module):
         self.embed = VocabParallelEmbedding(vocab_size, cfg.d_model, group=tp_group) if first or tied_head else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg, tp_group) for i in layers})
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if last else None
+        arch = get_arch(cfg.arch)
+        self.norm = arch.norm(cfg.d_model, cfg.norm_eps) if last else None
         self.head = (ColumnParallelLinear(cfg.d_model, vocab_size, group=tp_group)
                      if last and not cfg.tie_embeddings else None)
-        cos, sin = rope_tables(cfg.seq_len, cfg.head_dim)
+        cos, sin = arch.rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(init_seed)

@@ -258,9 +258,9 @@ class Worker:
             decay_steps=decay_steps, device=torch.device(spec.torch_device),
         )
         load_s = 0.0
-        if resume is not None:
+        if resume is not None or model.init_from is not None:
             began = time.perf_counter()
-            self._load(resume, resume_step)
+            self._load(resume, resume_step) if resume is not None else self._init_from(model)
             load_s = time.perf_counter() - began
         manifest = load_manifest(data.dir, verify=False)
         batches = BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
@@ -284,6 +284,13 @@ class Worker:
         # The driver verified the checksums when it chose this checkpoint; reading trusts that.
         with open_checkpoint(CheckpointInfo(step=step, path=Path(path)), verify=False) as reader:
             self.engine.import_state(reader.read, step=step)
+
+    def _init_from(self, model: ModelConfig) -> None:
+        from farm.checkpoint.hf import HFWeights
+
+        log.info("setup: weights from %s", model.init_from)
+        with HFWeights(model) as weights:
+            self.engine.import_weights(weights.read)
 
     @_logged
     def run_steps(self, n: int) -> list[dict[str, Any]]:

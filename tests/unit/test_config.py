@@ -59,6 +59,10 @@ def test_int_accepted_for_float_and_auto_for_degrees() -> None:
         ({"train": {"lr_decay_steps": 0}}, "train.lr_decay_steps: must be positive"),
         ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number"),
         ({"train": {"log_every": 0}}, "train.log_every: must be positive"),
+        ({"model": {"arch": "mamba"}}, "model.arch='mamba': use one of gpt, llama"),
+        ({"model": {"arch": "llama"}}, "model.arch=llama has a SwiGLU MLP: set model.mlp=swiglu"),
+        ({"model": {"rope_theta": 0.0}}, "model.rope_theta: must be positive"),
+        ({"model": {"init_from": "/models/x"}}, "model.init_from='/models/x': use hf:PATH"),
     ],
 )
 def test_bad_fields_name_themselves(sections: dict, needle: str) -> None:
@@ -76,6 +80,15 @@ def test_math_view_ignores_steps_but_not_lr() -> None:
     a, b, c = build(train={"steps": 10}), build(train={"steps": 20}), build(train={"lr": 1e-3})
     assert config_hash(math_view(a)) == config_hash(math_view(b))
     assert config_hash(math_view(a)) != config_hash(math_view(c))
+
+
+def test_fields_added_later_keep_older_run_directories_identity() -> None:
+    view = math_view(build())
+    assert "arch" not in view["model"] and "rope_theta" not in view["model"]
+    assert config_hash(view) == "690c1d9c62f462c9"  # what such a run directory recorded before
+    assert config_hash(view) == config_hash(math_view(build(model={"init_from": "hf:/models/x"})))
+    llama = math_view(build(model={"arch": "llama", "mlp": "swiglu", "rope_theta": 5e5}))
+    assert llama["model"]["arch"] == "llama" and llama["model"]["rope_theta"] == 5e5
 
 
 def test_run_dir_claim_accepts_same_and_refuses_changed(tmp_path) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from farm.config import ModelConfig
 from farm.errors import CheckpointError, PlanError
-from farm.runtime.model import apply_rope, rope_tables
+from farm.model.arch import apply_rope, rope_tables
 from farm.runtime.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
