@@ -48,7 +48,9 @@ class ModelShape:
     layer_matrix_params: int
     """Weights of one block split by tensor parallelism (attention and MLP matrices)."""
     layer_vector_params: int
-    """Weights of one block every tensor-parallel rank keeps whole (the two LayerNorms)."""
+    """Weights of one block every tensor-parallel rank keeps whole (the two norms)."""
+    final_norm_params: int
+    """The norm after the last block: a LayerNorm's weight and bias (gpt), an RMSNorm's weight (llama)."""
 
     @classmethod
     def from_config(cls, model: ModelConfig, *, vocab_size: int | None = None) -> ModelShape:
@@ -56,6 +58,7 @@ class ModelShape:
         vocab = model.vocab_size or vocab_size or _default_vocab(model)
         h, hd, kv = model.d_model, model.head_dim, model.kv_heads
         swiglu = model.mlp == "swiglu"
+        norm = h if getattr(model, "arch", "gpt") == "llama" else 2 * h  # RMSNorm has no bias
         attention = h * (model.n_heads + 2 * kv) * hd + model.n_heads * hd * h
         mlp = (3 if swiglu else 2) * h * model.d_ff
         return cls(
@@ -71,7 +74,8 @@ class ModelShape:
             swiglu=swiglu,
             dropout=model.dropout > 0,
             layer_matrix_params=attention + mlp,
-            layer_vector_params=4 * h,
+            layer_vector_params=2 * norm,
+            final_norm_params=norm,
         )
 
     @property
@@ -82,7 +86,7 @@ class ModelShape:
     def num_params(self) -> int:
         head = 0 if self.tied else self.embed_params
         per_layer = self.layer_matrix_params + self.layer_vector_params
-        return self.n_layers * per_layer + self.embed_params + head + 2 * self.d_model
+        return self.n_layers * per_layer + self.embed_params + head + self.final_norm_params
 
     @property
     def layer_flops_per_token(self) -> float:
