@@ -16,6 +16,7 @@ import pytest
 from farm._hydra import compose_from_argv
 from farm.launch import train
 from farm.topology import load_farm
+from farm.tracking import read_events
 
 
 def _farm(name: str):  # type: ignore[no-untyped-def]
@@ -72,3 +73,12 @@ def run_farm(run_dir: Path, *, data: Path, address: str, topology: str = "local"
         f"run.dir={run_dir}", *extra,
     ])
     return train(cfg, run_dir=run_dir, topology_file=raw["topology_file"])
+
+
+def raylet_of(run_dir: Path, node: str) -> int:
+    """The pid of the raylet whose workers play ``node`` in the run's newest worker group."""
+    workers = [e for e in read_events(run_dir) if e["event"] == "workers"][-1]
+    pid = next(p for p, n in zip(workers["pids"], workers["nodes"], strict=True) if n == node)
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert "raylet" in Path(f"/proc/{parent}/cmdline").read_text()
+    return parent

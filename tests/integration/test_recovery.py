@@ -25,6 +25,7 @@ import pytest
 
 from farm.data.ledger import positions_by_step
 from farm.tracking import read_events, read_metrics
+from tests.integration.conftest import raylet_of
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +53,6 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen[str], step: int) -> None
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.2)
-
-
-def raylet_of(run_dir: Path, node: str) -> int:
-    workers = [e for e in read_events(run_dir) if e["event"] == "workers"][-1]
-    pid = next(p for p, n in zip(workers["pids"], workers["nodes"], strict=True) if n == node)
-    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    assert "raylet" in Path(f"/proc/{parent}/cmdline").read_text()
-    return parent
 
 
 @pytest.fixture(scope="module")

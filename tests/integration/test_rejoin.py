@@ -25,6 +25,7 @@ from farm.controller.cluster import EMULATED_HEALTH_CHECK, _loopback_only
 from farm.data.ledger import positions_by_step
 from farm.topology import load_farm
 from farm.tracking import read_events, read_metrics
+from tests.integration.conftest import raylet_of
 
 pytestmark = [pytest.mark.integration]
 
@@ -52,14 +53,6 @@ def user_cluster() -> Iterator[tuple[object, dict[str, dict[str, float]]]]:
         yield cluster, resources
     finally:
         cluster.shutdown()
-
-
-def raylet_of(run_dir: Path, node: str) -> int:
-    workers = [e for e in read_events(run_dir) if e["event"] == "workers"][-1]
-    pid = next(p for p, n in zip(workers["pids"], workers["nodes"], strict=True) if n == node)
-    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    assert "raylet" in Path(f"/proc/{parent}/cmdline").read_text()
-    return parent
 
 
 def wait_until(proc: subprocess.Popen[str], predicate, what: str, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
