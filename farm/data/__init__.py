@@ -8,7 +8,7 @@ import warnings
 
 from farm.data.manifest import Manifest, ShardInfo, load_manifest
 from farm.data.prepare import prepare
-from farm.data.sampler import BatchLayout, DataCursor, GlobalOrder
+from farm.data.sampler import BatchLayout, BatchSkips, DataCursor, GlobalOrder
 from farm.data.source import ArrowShardSource
 from farm.data.stream import MicroBatch, MicroBatchStream
 
@@ -21,6 +21,7 @@ warnings.filterwarnings(
 __all__ = [
     "ArrowShardSource",
     "BatchLayout",
+    "BatchSkips",
     "DataCursor",
     "GlobalOrder",
     "Manifest",

@@ -2,7 +2,10 @@
 
 Every data-parallel rank appends one line per step to ``run_dir/ledger/dp-NNNNN.jsonl``. A step that
 a recovery rolled back and redid is written again by the new attempt, perhaps by another number of
-ranks; the attempt that wrote a step last is the one whose update the run kept.
+ranks; the attempt that wrote a step last is the one whose update the run kept. Global batches the
+run skipped (a loss non-finite twice) are trained by no step; the run directory records them
+(farm/data/skips.py), and :func:`skipped_positions` reads them back, so an audit counts every
+position of the sample order as trained once or skipped.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from farm.data.skips import read_skipped
 
 
 def read_ledger(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
@@ -32,3 +37,8 @@ def read_ledger(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
 def positions_by_step(run_dir: Path) -> dict[int, list[int]]:
     """Per step, the global positions in the sample order that it trained on, over all its ranks."""
     return {step: sorted(p for r in rows for p in r["positions"]) for step, rows in read_ledger(run_dir).items()}
+
+
+def skipped_positions(run_dir: Path) -> list[int]:
+    """The global positions of the batches the run skipped, ascending."""
+    return sorted(p for r in read_skipped(run_dir) for p in range(*r.positions))

@@ -3,12 +3,15 @@
 docs/design.md invariant 1: the order is a pure function of (dataset fingerprint, seed, epoch), and
 optimizer step k consumes global positions [k*G, (k+1)*G) of it, G the global batch. A rank finds
 its micro-batches by arithmetic on (step, micro-batch, rank), so a change of DP degree changes who
-reads a sample, never which samples a step reads. The cursor is a single integer: samples consumed.
+reads a sample, never which samples a step reads. The cursor is samples consumed, plus the global
+batches a run skipped because their loss was not finite (:class:`BatchSkips`): step k then trains the
+k-th global batch that is not skipped, which is batch k in a run without skips.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +19,8 @@ import numpy as np
 
 from farm.errors import ConfigError, DataError
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
+"""Version 2 added ``skipped``; a version 1 cursor reads as one without skips."""
 
 
 def _entropy(fingerprint: str, seed: int, epoch: int) -> list[int]:
@@ -72,8 +76,48 @@ class GlobalOrder:
     def epoch_of(self, position: int) -> int:
         return position // self.num_samples
 
-    def cursor(self, consumed: int = 0) -> DataCursor:
-        return DataCursor(fingerprint=self.fingerprint, seed=self.seed, consumed=consumed)
+    def cursor(self, consumed: int = 0, skips: BatchSkips | None = None) -> DataCursor:
+        return DataCursor(fingerprint=self.fingerprint, seed=self.seed, consumed=consumed,
+                          skips=skips or BatchSkips())
+
+
+@dataclass(frozen=True)
+class BatchSkips:
+    """Global batches no step trains, by index: batch j holds global positions [j*G, (j+1)*G).
+
+    Step s (from 0) trains the s-th batch that is not skipped. A skip therefore moves every later
+    step one batch on and leaves every earlier step alone; the mapping is a function of this list
+    only, never of the layout, so a resume into any layout trains the same samples per step.
+    """
+
+    batches: tuple[int, ...] = ()
+    """Skipped batch indices, ascending, each once."""
+
+    def __post_init__(self) -> None:
+        if list(self.batches) != sorted(set(self.batches)) or any(b < 0 for b in self.batches):
+            raise DataError(f"skipped global batches {list(self.batches)} must be distinct, ascending and >= 0")
+
+    @classmethod
+    def of(cls, batches: Iterable[int]) -> BatchSkips:
+        return cls(tuple(sorted({int(b) for b in batches})))
+
+    def with_skip(self, batch: int) -> BatchSkips:
+        return BatchSkips.of((*self.batches, batch))
+
+    def batch_of(self, step: int) -> int:
+        """The global batch step ``step`` (from 0) trains."""
+        return int(self.batches_of(np.asarray([step], dtype=np.int64))[0])
+
+    def batches_of(self, steps: np.ndarray) -> np.ndarray:
+        """:meth:`batch_of` for many steps at once."""
+        steps = np.asarray(steps, dtype=np.int64)
+        if not self.batches:
+            return steps
+        skipped = np.asarray(self.batches, dtype=np.int64)
+        # The i-th skipped batch has skipped[i] - i trained batches before it: a step at or past that
+        # count has gone over it.
+        passed = np.searchsorted(skipped - np.arange(len(skipped)), steps, side="right")
+        return steps + passed
 
 
 @dataclass(frozen=True)
@@ -84,6 +128,8 @@ class BatchLayout:
     micro_batch: int
     dp_size: int
     dp_rank: int
+    skips: BatchSkips = BatchSkips()
+    """Global batches no step trains; the same on every rank and in every layout."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch", "dp_size"):
@@ -106,14 +152,15 @@ class BatchLayout:
 
     def step_range(self, step: int) -> tuple[int, int]:
         """Global positions [start, stop) that step ``step`` consumes, across all ranks."""
-        return step * self.global_batch, (step + 1) * self.global_batch
+        batch = self.skips.batch_of(step)
+        return batch * self.global_batch, (batch + 1) * self.global_batch
 
     def start(self, step: int, micro: int) -> int:
         """First global position of this rank's micro-batch ``micro`` of step ``step``."""
         if not 0 <= micro < self.grad_accum:
             raise ValueError(f"micro={micro} outside [0, grad_accum={self.grad_accum})")
         global_micro = micro * self.dp_size + self.dp_rank
-        return step * self.global_batch + global_micro * self.micro_batch
+        return self.skips.batch_of(step) * self.global_batch + global_micro * self.micro_batch
 
     def positions(self, step: int, micro: int) -> np.ndarray:
         """Global positions of this rank's micro-batch ``micro`` of step ``step``."""
@@ -123,11 +170,14 @@ class BatchLayout:
 
 @dataclass
 class DataCursor:
-    """Samples consumed since the start of training: the whole data state of a run."""
+    """Samples consumed since the start of training and the global batches skipped: the whole data
+    state of a run."""
 
     fingerprint: str
     seed: int
     consumed: int = 0
+    """Samples of the steps trained: step * global batch, skipped batches not counted."""
+    skips: BatchSkips = BatchSkips()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -135,11 +185,12 @@ class DataCursor:
             "consumed": self.consumed,
             "fingerprint": self.fingerprint,
             "seed": self.seed,
+            "skipped": list(self.skips.batches),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Take ``consumed`` from a checkpoint after checking it belongs to this data and seed."""
-        if state.get("version") != CURSOR_VERSION:
+        if state.get("version") not in (1, CURSOR_VERSION):
             raise DataError(
                 f"data cursor version {state.get('version')!r} is not {CURSOR_VERSION}; this checkpoint "
                 "was written by an incompatible farm version"
@@ -158,7 +209,10 @@ class DataCursor:
         consumed = state.get("consumed")
         if not isinstance(consumed, int) or isinstance(consumed, bool) or consumed < 0:
             raise DataError(f"data cursor 'consumed' must be a non-negative integer, got {consumed!r}")
-        self.consumed = consumed
+        skipped = state.get("skipped", [])
+        if not isinstance(skipped, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in skipped):
+            raise DataError(f"data cursor 'skipped' must be a list of global batch indices, got {skipped!r}")
+        self.consumed, self.skips = consumed, BatchSkips.of(skipped)
 
     def start_step(self, *, global_batch: int) -> int:
         """The step to resume at; the global batch is fixed by config, so it divides ``consumed``."""

@@ -1,7 +1,8 @@
 """The micro-batches one data-parallel rank trains on, read ahead by a background thread.
 
-Starting at step k is the whole of resuming: positions are computed from (step, micro-batch, rank),
-so nothing before step k is read, and the cursor a checkpoint stores is ``consumed`` samples.
+Starting at step k is the whole of resuming: positions are computed from (step, micro-batch, rank)
+and the skipped global batches, so nothing before step k is read, and the cursor a checkpoint stores
+is ``consumed`` samples and the skips.
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class MicroBatchStream:
         while stop is None or index < stop:
             count = self.parcel_size if stop is None else min(self.parcel_size, stop - index)
             steps, micros = np.divmod(np.arange(index, index + count, dtype=np.int64), accum)
-            # BatchLayout.start for many micro-batches at once: global micro-batch micro*dp + rank.
-            first = steps * lay.global_batch + (micros * lay.dp_size + lay.dp_rank) * b
+            # BatchLayout.start for many micro-batches at once: global micro-batch micro*dp + rank of
+            # the global batch each step trains.
+            first = lay.skips.batches_of(steps) * lay.global_batch + (micros * lay.dp_size + lay.dp_rank) * b
             ids = self.order.at((first[:, None] + np.arange(b)).reshape(-1)).reshape(count, b)
             tokens = self.source.take(ids.reshape(-1)).reshape(count, b, -1)
             yield list(map(MicroBatch, steps.tolist(), micros.tolist(), tokens, ids))
@@ -191,7 +193,7 @@ class MicroBatchStream:
 
     def state_dict(self) -> dict[str, Any]:
         """The data cursor after the last step whose every micro-batch was handed out."""
-        return self.order.cursor(self.consumed).state_dict()
+        return self.order.cursor(self.consumed, self.layout.skips).state_dict()
 
     def close(self) -> None:
         """Stop the prefetch thread; iterating afterwards ends at once."""

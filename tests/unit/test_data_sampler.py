@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from farm.data import BatchLayout, DataCursor, GlobalOrder
+from farm.data import BatchLayout, BatchSkips, DataCursor, GlobalOrder
 from farm.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.unit
@@ -104,7 +104,7 @@ def test_layout_validation_names_the_fields() -> None:
 def test_cursor_state_dict_round_trip_and_checks() -> None:
     order = GlobalOrder(1000, 5, FP)
     state = order.cursor(96).state_dict()
-    assert state == {"version": 1, "consumed": 96, "fingerprint": FP, "seed": 5}
+    assert state == {"version": 2, "consumed": 96, "fingerprint": FP, "seed": 5, "skipped": []}
     cursor = order.cursor()
     cursor.load_state_dict(state)
     assert cursor.consumed == 96 and cursor.start_step(global_batch=32) == 3
@@ -115,6 +115,49 @@ def test_cursor_state_dict_round_trip_and_checks() -> None:
     with pytest.raises(DataError, match=r"train\.seed=5, the config says 6"):
         DataCursor(fingerprint=FP, seed=6).load_state_dict(state)
     with pytest.raises(DataError, match="version"):
-        cursor.load_state_dict({**state, "version": 2})
+        cursor.load_state_dict({**state, "version": 3})
     with pytest.raises(DataError, match="non-negative integer"):
         cursor.load_state_dict({**state, "consumed": -1})
+
+
+def test_a_step_trains_the_next_batch_that_is_not_skipped() -> None:
+    skips = BatchSkips.of([9, 3, 4])
+    assert skips.batches == (3, 4, 9)
+    assert [skips.batch_of(s) for s in range(10)] == [0, 1, 2, 5, 6, 7, 8, 10, 11, 12]
+    np.testing.assert_array_equal(skips.batches_of(np.arange(10)), [skips.batch_of(s) for s in range(10)])
+    assert BatchSkips().batch_of(7) == 7
+    assert skips.with_skip(0).batch_of(0) == 1 and skips.with_skip(4) == skips
+    with pytest.raises(DataError, match="ascending"):
+        BatchSkips((4, 3))
+
+
+def test_a_skip_moves_later_steps_one_batch_on_in_every_layout() -> None:
+    order, g = GlobalOrder(1000, 3, FP), 24
+    skips = BatchSkips.of([6])
+    for dp, b in ((1, 4), (2, 4), (6, 2), (3, 8)):
+        positions: dict[int, list[int]] = {}
+        for rank in range(dp):
+            layout = BatchLayout(global_batch=g, micro_batch=b, dp_size=dp, dp_rank=rank, skips=skips)
+            for step in range(10):
+                for micro in range(layout.grad_accum):
+                    positions.setdefault(step, []).extend(layout.positions(step, micro).tolist())
+                assert layout.step_range(step) == (skips.batch_of(step) * g, (skips.batch_of(step) + 1) * g)
+        for step in range(6):
+            assert sorted(positions[step]) == list(range(step * g, (step + 1) * g)), "earlier steps unchanged"
+        for step in range(6, 10):
+            assert sorted(positions[step]) == list(range((step + 1) * g, (step + 2) * g)), "later ones one batch on"
+    assert order.sample_ids(6 * g, g).size == g
+
+
+def test_the_cursor_carries_the_skips_and_reads_a_version_1_cursor() -> None:
+    order = GlobalOrder(1000, 5, FP)
+    state = order.cursor(96, BatchSkips.of([2])).state_dict()
+    assert state["skipped"] == [2]
+    cursor = order.cursor()
+    cursor.load_state_dict(state)
+    assert cursor.skips == BatchSkips((2,)) and cursor.start_step(global_batch=32) == 3, "the step is not moved"
+    old = {"version": 1, "consumed": 64, "fingerprint": FP, "seed": 5}
+    cursor.load_state_dict(old)
+    assert cursor.skips == BatchSkips() and cursor.consumed == 64
+    with pytest.raises(DataError, match="global batch indices"):
+        cursor.load_state_dict({**state, "skipped": ["2"]})

@@ -20,7 +20,7 @@ from farm.data import (
     load_manifest,
     prepare,
 )
-from farm.data.sampler import DataCursor
+from farm.data.sampler import BatchSkips, DataCursor
 from farm.data.stream import PARCEL_TOKENS
 
 pytestmark = pytest.mark.unit
@@ -172,3 +172,20 @@ def test_errors_in_the_thread_reach_the_consumer(source: ArrowShardSource) -> No
         next(stream)
     stream.close()
     assert not any(t.name == "farm-data-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_skipped_batch_is_read_by_no_rank_and_the_cursor_keeps_it(source: ArrowShardSource) -> None:
+    skips = BatchSkips.of([4])
+    order = _order(source)
+    rows: dict[int, list[int]] = {}
+    for rank in range(2):
+        layout = BatchLayout(global_batch=G, micro_batch=2, dp_size=2, dp_rank=rank, skips=skips)
+        stream = MicroBatchStream(source, order, layout, start_step=2, end_step=8, parcel_tokens=3 * 2 * source.row_len)
+        with stream:
+            for mb in stream:
+                rows.setdefault(mb.step, []).extend(mb.sample_ids.tolist())
+                np.testing.assert_array_equal(mb.tokens, source.take(mb.sample_ids))
+            assert stream.state_dict()["skipped"] == [4] and stream.consumed == 8 * G
+    for step in range(2, 8):
+        batch = step + (step >= 4)
+        assert sorted(rows[step]) == sorted(order.sample_ids(batch * G, G).tolist()), step
