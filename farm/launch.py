@@ -40,6 +40,8 @@ from farm.checkpoint.resume import (
 )
 from farm.config import FarmConfig
 from farm.data.manifest import TOKENIZER_NAME
+from farm.data.sampler import GlobalOrder
+from farm.data.skips import supersede_skips
 from farm.errors import CheckpointCorrupt, ConfigError, DataError, PlanError, RunDirError
 from farm.plan import Plan, make_plan
 from farm.runlock import RunDirLock, os_problem
@@ -143,6 +145,8 @@ class Launch:
     """The run directory has no farm.json yet: it is written when the launch is accepted."""
     checkpoint: RunIdentity
     choice: ResumeChoice
+    order: GlobalOrder | None = None
+    """The data's global sample order (the controller names skipped samples by it)."""
     writer: str = dataclasses.field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     """Names this launch in the checkpoints it writes, so retention deletes only its own."""
 
@@ -173,7 +177,28 @@ def check_launch(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = 
                            allow_fresh_start=cfg.checkpoint.allow_fresh_start)
     if cfg.model.init_from is not None and choice.step == 0:
         check_init_from(cfg.model, vocab=vocab, tokenizer_sha256=manifest.tokenizer_sha256)
-    return Launch(cfg, run_dir, farm, plan, precision, vocab, identity, new, ckpt, choice)
+    if not choice.superseded:
+        check_skips(run_dir, choice, global_batch=cfg.train.global_batch)
+    order = GlobalOrder(manifest.total_rows, cfg.train.seed, manifest.fingerprint)
+    return Launch(cfg, run_dir, farm, plan, precision, vocab, identity, new, ckpt, choice, order=order)
+
+
+def check_skips(run_dir: Path, choice: ResumeChoice, *, global_batch: int) -> None:
+    """The run directory's record of skipped batches must hold every skip the checkpoint's data cursor
+    carries: without it the steps after the checkpoint would train other samples than before."""
+    from farm.checkpoint.manifest import MANIFEST, parse_manifest
+    from farm.data.skips import SKIPS_FILE, read_skipped, skips_of
+
+    recorded = skips_of(read_skipped(run_dir, global_batch=global_batch)).batches
+    if choice.info is None:
+        return
+    cursor = parse_manifest((choice.info.path / MANIFEST).read_bytes()).meta.get("data_cursor")
+    carried = cursor.get("skipped", []) if isinstance(cursor, dict) else []
+    missing = sorted(set(carried) - set(recorded))
+    if missing:
+        raise DataError(f"checkpoint {choice.info.name} skipped global batch(es) {missing}, which "
+                        f"{run_dir / SKIPS_FILE} does not record; restore that file from the run's backup, "
+                        "or start a new run directory")
 
 
 def accept(launch: Launch, *, lock: RunDirLock, record_config: RecordConfig | None) -> list[str]:
@@ -191,6 +216,10 @@ def accept(launch: Launch, *, lock: RunDirLock, record_config: RecordConfig | No
     for info in launch.choice.superseded:
         moved = move_aside(info, into=SUPERSEDED_DIR, reason="checkpoint.resume=false started the run afresh")
         notes.append(f"checkpoint.resume=false: {info.name} moved to {moved}; this run starts at step 0")
+    if launch.choice.superseded:
+        skips = supersede_skips(run_dir)
+        if skips is not None:
+            notes.append(f"checkpoint.resume=false: the record of skipped batches moved to {skips}")
     write_plan(run_dir, launch.plan)
     return notes
 
@@ -302,7 +331,7 @@ def _train_falling_back(launch: Launch, tracker: Tracker) -> tuple[Finished, Con
             data=cfg.data,
             checkpoint=cfg.checkpoint, run=cfg.run, run_dir=launch.run_dir, vocab_size=launch.vocab,
             decay_steps=launch.identity.decay_steps, precision=launch.precision,
-            checkpoint_meta=launch.checkpoint_meta(choice.step),
+            checkpoint_meta=launch.checkpoint_meta(choice.step), order=launch.order,
         )
         controller = Controller(parts, tracker=tracker, policy=failure_policy(cfg.run))
         try:

@@ -4,7 +4,8 @@
 states.py draws the diagram). Side concerns (checkpoint, stop, logging, rejoin) are one call each
 with their own gate. A fault becomes ``Recovering``; the failure policy's decision is executed by
 ``_recover``: a new attempt (same nodes, spares, the survivors, or with rejoined nodes back) is
-planned by farm/controller/recovery.py and started from the newest valid checkpoint.
+planned by farm/controller/recovery.py and started from the newest valid checkpoint. A global batch
+whose loss is non-finite twice is skipped: recorded in the run directory, then no step trains it.
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ from farm.controller.states import (
 from farm.controller.stragglers import StragglerWatch
 from farm.controller.timeouts import StepTimeout
 from farm.controller.worker_group import StartupFailed, StartupTimedOut, WorkerFailed, WorkerGroup
+from farm.data.skips import SkippedBatch, read_skipped, skips_of, write_skipped
 from farm.errors import (
     CheckpointError,
     FarmError,
     Interrupted,
     PlanError,
     Preempted,
+    RunDirError,
     StartupFailure,
     StartupTimeout,
     WorkerFailure,
@@ -86,8 +89,13 @@ class Controller:
         self.step = 0
         """The last step every rank completed."""
         self.failures = 0
+        self.skipped = read_skipped(parts.run_dir, global_batch=parts.train.global_batch)
+        """The global batches this run skipped, as the run directory records them; every start of the
+        workers gets them, so a restore from a checkpoint older than a skip still skips."""
+        self.skips = skips_of(self.skipped)
         self.nonfinite: Counter[int] = Counter()
-        """Non-finite losses per step: a second one at the same step is a repeat with the same samples."""
+        """Non-finite losses per global batch: a second one on the same batch is a repeat with the same
+        samples (after a skip, the same step trains another batch)."""
         self.node_faults: Counter[str] = Counter()
         """Faults per node since its last good step: two in a row exclude it (the policy decides)."""
         self.seen_gone: set[str] = set()
@@ -204,7 +212,7 @@ class Controller:
             master_addr=master, master_port=port, plan=attempt.plan.to_json(), model=p.model, train=p.train,
             data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
             resume=state.resume_path, resume_step=state.step, attempt=attempt.nonce,
-            collective_timeout_s=p.run.step_timeout_s,
+            collective_timeout_s=p.run.step_timeout_s, skipped=self.skips.batches,
         )
         self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"], attempt=attempt.number,
                            pids=[i["pid"] for i in self.group.infos],
@@ -234,7 +242,7 @@ class Controller:
         report = reports[self.attempt.reporter][-1]
         if not math.isfinite(float(report["loss"])):
             return self._nonfinite_loss(float(report["loss"]))
-        if self.nonfinite[state.step + 1]:
+        if self.nonfinite[self.skips.batch_of(state.step)]:
             self.tracker.event("transient_fault", step=state.step + 1, fault="nonfinite",
                                detail=f"step {state.step + 1} re-run from the newest state: its loss is finite")
         self._log_step([r[-1] for r in reports], elapsed)
@@ -260,7 +268,7 @@ class Controller:
 
     def _nonfinite_loss(self, loss: float) -> State:
         step = self.step + 1
-        self.nonfinite[step] += 1
+        self.nonfinite[self.skips.batch_of(self.step)] += 1
         reporter = self.attempt.reporter
         node = next(r.node for r in self.attempt.plan.ranks if r.rank == reporter)
         fault = WorkerFault(rank=reporter, node=node, kind="nonfinite",
@@ -268,9 +276,10 @@ class Controller:
         return self._on_fault(fault, f"the loss is {loss}")
 
     def _positions(self, step: int) -> str:
-        """The global sample-order positions step ``step`` trains (docs/design.md, invariant 1)."""
+        """The global sample-order positions step ``step`` (from 1) trains (docs/design.md, invariant 1)."""
         g = self.p.train.global_batch
-        return f"{(step - 1) * g}..{step * g - 1}"
+        batch = self.skips.batch_of(step - 1)
+        return f"{batch * g}..{(batch + 1) * g - 1}"
 
     def _stragglers(self, reports: list[list[dict[str, Any]]], step: int) -> State | None:
         """Report ranks whose own compute stays slow; with run.exclude_stragglers, fault their node."""
@@ -297,7 +306,8 @@ class Controller:
         meta = dict(self.p.checkpoint_meta)
         meta.update(
             step=step,
-            data_cursor={"consumed": step * self.p.train.global_batch, "seed": self.p.train.seed},
+            data_cursor={"consumed": step * self.p.train.global_batch, "seed": self.p.train.seed,
+                         "skipped": list(self.skips.batches)},
             rng={"scheme": "per-micro-batch seed from (train.seed, step, global micro-batch)",
                  "seed": self.p.train.seed},
             scheduler={"last_step": step, "decay_steps": self.p.decay_steps},
@@ -375,7 +385,8 @@ class Controller:
         context = FailureContext(step=self.step, failures=self.failures, plan=attempt.plan, farm=farm,
                                  lost=tuple(sorted(lost)), last_checkpoint=self.last_checkpoint,
                                  repeats=self.node_faults[fault.node], nonfinite_events=sum(self.nonfinite.values()),
-                                 nonfinite_repeat=fault.kind == "nonfinite" and self.nonfinite[self.step + 1] > 1)
+                                 nonfinite_repeat=(fault.kind == "nonfinite"
+                                                   and self.nonfinite[self.skips.batch_of(self.step)] > 1))
         return dataclasses.replace(context, **changes)
 
     def _recover(self, state: Recovering) -> State:
@@ -391,16 +402,32 @@ class Controller:
             return Failed(step=state.step, error=WorkerFailure(f"{state.message} at step {state.step + 1}. "
                                                                f"{decision.reason}"))
         if isinstance(decision, SkipBatch):
-            self.tracker.event("skip_batch", step=decision.step, positions=self._positions(decision.step),
-                               executed=False)
-            return Failed(step=state.step, error=WorkerFailure(
-                f"{decision.reason} (global positions {self._positions(decision.step)} of the sample order), "
-                "but stepping the data cursor over one global batch is not built, so the run stops here; the "
-                f"newest valid checkpoint is {_step_text(self.last_checkpoint)}: lower train.lr or raise "
-                f"train.warmup_steps, then {_resume_hint(self.last_checkpoint)}"))
+            self._skip(decision.step)
         if isinstance(decision, Noop):
             decision = Restart(reason=decision.reason)
         return self._next(decision, step=state.step, fault=fault, detected_at=state.detected_at)
+
+    def _skip(self, step: int) -> None:
+        """Record that no step trains the global batch step ``step`` (from 1) trained, before any worker
+        restarts: the step and the LR schedule stay, step ``step`` trains the next batch instead."""
+        g = self.p.train.global_batch
+        batch = self.skips.batch_of(step - 1)
+        start, stop = batch * g, (batch + 1) * g
+        order = self.p.order
+        samples = tuple(int(i) for i in order.sample_ids(start, g)) if order is not None else ()
+        self.skipped.append(SkippedBatch(batch=batch, step=step, positions=(start, stop), samples=samples))
+        try:
+            write_skipped(self.p.run_dir, self.skipped, global_batch=g)
+        except OSError as err:
+            raise RunDirError(f"cannot record the skip of global batch {batch} in {self.p.run_dir} ({err}); "
+                              f"free the run directory, then {_resume_hint(self.last_checkpoint)}") from err
+        self.skips = skips_of(self.skipped)
+        self.tracker.event(
+            "skip_batch", step=step, batch=batch, positions=f"{start}..{stop - 1}", samples=list(samples),
+            executed=True,
+            message=f"global batch {batch} (positions {start}..{stop - 1}) skipped after its loss was not finite "
+                    f"twice; step {step} now trains positions {self._positions(step)}, the LR schedule unchanged",
+        )
 
     def _decide(self, fault: WorkerFault, *, step: int) -> Decision:
         decision = self.policy.decide(fault, self._context(fault))

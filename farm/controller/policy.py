@@ -100,8 +100,10 @@ class ElasticPolicy:
 
     def _nonfinite(self, context: FailureContext) -> Decision:
         if context.nonfinite_events >= self.max_nonfinite:
-            return Abort(reason=f"{context.nonfinite_events} non-finite-loss events (limit "
-                                f"{self.max_nonfinite}); {_where(context)}")
+            newest = "none" if context.last_checkpoint is None else f"step {context.last_checkpoint}"
+            return Abort(reason=f"{context.nonfinite_events} non-finite-loss events (limit {self.max_nonfinite}); "
+                                f"the newest valid checkpoint is {newest}: lower train.lr or raise "
+                                f"train.warmup_steps, then {_where(context)}")
         if context.nonfinite_repeat:
             return SkipBatch(step=context.step + 1,
                              reason=f"the loss of step {context.step + 1} is not finite again with the "

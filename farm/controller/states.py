@@ -20,6 +20,7 @@ from typing import Any
 from farm.config import CheckpointConfig, DataConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 from farm.controller.decisions import WorkerFault
 from farm.controller.recovery import Attempt
+from farm.data.sampler import GlobalOrder
 from farm.errors import FarmError
 from farm.plan import Plan
 from farm.topology import Farm
@@ -99,6 +100,8 @@ class RunParts:
     precision: str
     checkpoint_meta: dict[str, Any] = field(default_factory=dict)
     """Static fields of every checkpoint manifest (config hash, tokenizer hash, data fingerprint)."""
+    order: GlobalOrder | None = None
+    """The global sample order, to name the sample ids of a skipped batch (positions only without it)."""
 
 
 @dataclass

@@ -226,10 +226,18 @@ class Worker:
     def setup(self, *, master_addr: str, master_port: int, plan: dict[str, Any], model: ModelConfig,
               train: TrainConfig, data: DataConfig, vocab_size: int, decay_steps: int, precision: str,
               resume: str | None, resume_step: int, attempt: str,
-              collective_timeout_s: float = 1800.0) -> dict[str, Any]:
+              collective_timeout_s: float = 1800.0, skipped: tuple[int, ...] = ()) -> dict[str, Any]:
         """Join the process group, derive the layout's groups, build the engine, load a checkpoint,
-        open the data stream."""
-        from farm.data import ArrowShardSource, BatchLayout, GlobalOrder, MicroBatchStream, load_manifest
+        open the data stream; ``skipped`` names the global batches no step trains (the controller's
+        record, so a checkpoint older than a skip still trains each step on the same samples)."""
+        from farm.data import (
+            ArrowShardSource,
+            BatchLayout,
+            BatchSkips,
+            GlobalOrder,
+            MicroBatchStream,
+            load_manifest,
+        )
         from farm.plan import Plan
         from farm.runtime.engine import TrainEngine
         from farm.runtime.groups import build_context
@@ -264,7 +272,7 @@ class Worker:
             load_s = time.perf_counter() - began
         manifest = load_manifest(data.dir, verify=False)
         batches = BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
-                              dp_size=self.ctx.dp, dp_rank=self.ctx.dp_rank)
+                              dp_size=self.ctx.dp, dp_rank=self.ctx.dp_rank, skips=BatchSkips.of(skipped))
         self.stream = MicroBatchStream(
             ArrowShardSource(data.dir, manifest),
             GlobalOrder(manifest.total_rows, train.seed, manifest.fingerprint),

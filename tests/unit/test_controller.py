@@ -28,6 +28,8 @@ from farm.controller.decisions import WorkerFault
 from farm.controller.policy import AbortPolicy, ElasticPolicy
 from farm.controller.states import RunParts
 from farm.controller.worker_group import WorkerFailed
+from farm.data import BatchSkips, GlobalOrder
+from farm.data.skips import read_skipped
 from farm.errors import WorkerFailure
 from farm.plan import make_plan
 from farm.topology import Farm, load_farm
@@ -40,6 +42,7 @@ TINY = ModelConfig(**{**yaml.safe_load((ROOT / "conf" / "model" / "gpt-tiny.yaml
                       "vocab_size": 4096})
 TRAIN = TrainConfig(global_batch=24, micro_batch=4, steps=20)
 DP_ONLY = ParallelConfig(dp="auto", tp=1, pp=1)
+ORDER = GlobalOrder(1000, 0, "fake-data")
 
 
 class Cluster:
@@ -53,16 +56,19 @@ class Cluster:
 
 
 def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster, log: list[Any],
-               slow: dict[str, float] | None = None, nan: set[tuple[int, int]] | None = None) -> type:
+               slow: dict[str, float] | None = None, nan: set[tuple[int, int]] | None = None,
+               nan_batches: set[int] | None = None) -> type:
     """A WorkerGroup stand-in; ``script[(attempt, step)] = (node, kind)`` fails that step there;
-    ranks on a node of ``slow`` report that many times the others' compute time."""
+    ranks on a node of ``slow`` report that many times the others' compute time. The loss is not
+    finite at ``nan``'s (attempt, step) and on every step that trains a global batch of
+    ``nan_batches``, as the skipped batches the controller hands to setup map steps to batches."""
 
     class FakeGroup:
         made = 0
 
         def __init__(self, *, farm: Farm, plan: Any, run_dir: str, startup_timeout_s: float) -> None:
             self.attempt, FakeGroup.made = FakeGroup.made, FakeGroup.made + 1
-            self.plan, self.step, self.committed = plan, 0, []
+            self.plan, self.step, self.committed, self.skips = plan, 0, [], BatchSkips()
             self.infos = [{"ip": "127.0.0.1", "pid": 1000 + r.rank, "node_id": r.node} for r in plan.ranks]
             log.append(("group", self.attempt, plan.dp, plan.grad_accum, sorted({r.node for r in plan.ranks})))
 
@@ -83,12 +89,16 @@ def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster,
                 return [12345]
             if method == "setup":
                 self.step = kwargs["resume_step"]
+                self.skips = BatchSkips.of(kwargs["skipped"])
+                log.append(("setup", self.attempt, self.step, self.skips.batches))
                 self._fail_if_scripted(-1)  # -1: fail while starting up
                 return [{"rank": r, "step": self.step, "params": 1, "load_s": 0.0} for r in ranks]
             if method == "run_steps":
                 self._fail_if_scripted(self.step + 1)
                 self.step += 1
-                loss = float("nan") if (self.attempt, self.step) in (nan or set()) else 10.0 / self.step
+                batch = self.skips.batch_of(self.step - 1)
+                bad = (self.attempt, self.step) in (nan or set()) or batch in (nan_batches or set())
+                loss = float("nan") if bad else 10.0 / self.step
                 report = {"step": self.step, "loss": loss, "lr": 1e-3, "grad_norm": 1.0,
                           "samples": self.step * TRAIN.global_batch}
                 return [[{**report, "compute_s": 0.01 * (slow or {}).get(r.node, 1.0)}]
@@ -116,18 +126,18 @@ def local_farm(spares: int = 0) -> Farm:
 
 def make(tmp_path: Path, *, script: dict[tuple[int, int], tuple[str, str]], spares: int = 0,
          policy: Any = None, slow: dict[str, float] | None = None, nan: set[tuple[int, int]] | None = None,
-         run: RunConfig | None = None) -> tuple[Controller, Cluster, list[Any]]:
+         nan_batches: set[int] | None = None, run: RunConfig | None = None) -> tuple[Controller, Cluster, list[Any]]:
     farm = local_farm(spares)
     plan = make_plan(model=TINY, train=TRAIN, parallel=DP_ONLY, farm=farm)
     parts = RunParts(farm=farm, plan=plan, model=TINY, train=TRAIN, parallel=DP_ONLY, data=DataConfig(),
                      checkpoint=CheckpointConfig(every=5), run=run or RunConfig(dir=str(tmp_path)), run_dir=tmp_path,
-                     vocab_size=4096, decay_steps=20, precision="fp32")
+                     vocab_size=4096, decay_steps=20, precision="fp32", order=ORDER)
     tracker = Tracker(TrackingConfig(wandb=False, console=False), run_dir=tmp_path, run_name="t", config={},
                       total_steps=TRAIN.steps, start_step=0)
     cluster = Cluster([n.id for n in (*farm.nodes, *farm.spares)])
     log: list[Any] = []
     controller = Controller(parts, tracker=tracker, policy=policy or ElasticPolicy())
-    controller.worker_group_cls = fake_group(script, cluster, log, slow, nan)
+    controller.worker_group_cls = fake_group(script, cluster, log, slow, nan, nan_batches)
     controller.cluster_nodes = cluster
     # The checkpoints the fake group committed are the restore points.
     controller._restore_point = lambda: (  # type: ignore[method-assign]
@@ -264,11 +274,43 @@ def test_a_non_finite_loss_once_is_rolled_back_and_re_run(tmp_path: Path) -> Non
     assert groups[1][1:4] == (1, 6, 1), "same layout: the math, not a node, failed"
 
 
-def test_a_non_finite_loss_again_with_the_same_samples_stops_naming_them(tmp_path: Path) -> None:
-    controller, _, _ = make(tmp_path, script={}, nan={(0, 7), (1, 7)})
-    with pytest.raises(WorkerFailure, match=r"step 7 is not finite again with the same samples.*positions 144..167"
-                                            r".*newest valid checkpoint is step 5"):
-        controller.run(resume_path=None, resume_step=0)
+def test_a_batch_non_finite_twice_is_skipped_and_the_run_trains_to_the_end(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={}, nan_batches={6})  # step 7 trains batch 6 until it is skipped
+    finished = controller.run(resume_path=None, resume_step=0)
+    assert (finished.step, finished.reason) == (20, "done")
     assert [e["decision"] for e in events(tmp_path, "decision")] == ["rollback", "skip_batch"]
-    assert events(tmp_path, "skip_batch")[0]["step"] == 7
+    (skip,) = events(tmp_path, "skip_batch")
+    assert skip["step"] == 7 and skip["batch"] == 6 and skip["positions"] == "144..167" and skip["executed"]
+    assert skip["samples"] == ORDER.sample_ids(144, 24).tolist()
+    assert "step 7 now trains positions 168..191" in skip["message"]
+    (record,) = read_skipped(tmp_path)
+    assert (record.batch, record.step, record.positions) == (6, 7, (144, 168))
+    setups = [entry for entry in log if entry[0] == "setup"]
+    assert setups == [("setup", 0, 0, ()), ("setup", 1, 5, ()), ("setup", 2, 5, (6,))], "restored from step 5"
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 21)), "train.steps steps, each once"
+    assert not events(tmp_path, "transient_fault"), "a skipped batch is no transient fault"
+    assert controller.skips.batch_of(19) == 20, "the last step trains one batch further on"
+
+
+def test_a_skip_is_kept_by_a_later_recovery_and_by_a_new_process(tmp_path: Path) -> None:
+    controller, _, log = make(tmp_path, script={(2, 12): ("node-1", "node_lost")}, nan_batches={6})
+    assert controller.run(resume_path=None, resume_step=0).step == 20
+    setups = [entry for entry in log if entry[0] == "setup"]
+    assert setups[-1] == ("setup", 3, 10, (6,)), "the re-plan after the node loss still skips batch 6"
+    # A new launch resuming from a checkpoint older than the skip (step 5) reads the run directory's record.
+    again, _, log = make(tmp_path, script={}, nan_batches={6})
+    assert again.run(resume_path=str(tmp_path / "step-5"), resume_step=5).step == 20
+    assert [entry for entry in log if entry[0] == "setup"] == [("setup", 0, 5, (6,))]
+    assert len(events(tmp_path, "skip_batch")) == 1, "no second skip: batch 6 is never trained again"
+
+
+def test_a_third_non_finite_event_stops_the_run_naming_the_newest_checkpoint(tmp_path: Path) -> None:
+    controller, _, _ = make(tmp_path, script={}, nan_batches={6, 7})  # the batch after the skipped one too
+    with pytest.raises(WorkerFailure, match=r"3 non-finite-loss events \(limit 3\); the newest valid checkpoint is "
+                                            r"step 5.*resume from checkpoint step 5") as err:
+        controller.run(resume_path=None, resume_step=0)
+    assert err.value.exit_code == 4
+    assert [e["decision"] for e in events(tmp_path, "decision")] == ["rollback", "skip_batch", "abort"]
+    assert [f["detail"].split("global positions ")[1] for f in events(tmp_path, "failure")] == [
+        "144..167)", "144..167)", "168..191)"]
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7)), "no non-finite step is logged"
