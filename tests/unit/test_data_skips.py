@@ -39,3 +39,21 @@ def test_a_fresh_start_moves_the_record_aside(tmp_path: Path) -> None:
     write_skipped(tmp_path, [SkippedBatch(batch=1, step=2, positions=(8, 16), samples=())], global_batch=8)
     moved = supersede_skips(tmp_path)
     assert moved is not None and moved.name == f"{SKIPS_FILE}.superseded-1" and read_skipped(tmp_path) == []
+
+
+def test_a_launch_refuses_a_checkpoint_whose_cursor_names_a_skip_the_record_lacks(tmp_path: Path) -> None:
+    import torch
+
+    from farm.checkpoint import CheckpointStore, SliceEntry
+    from farm.checkpoint.resume import ResumeChoice
+    from farm.launch import check_skips
+
+    store = CheckpointStore(tmp_path / "checkpoints", keep_last=2)
+    store.begin(4)
+    store.write_part(4, "rank-00000", {"w": SliceEntry.full(torch.zeros(2))})
+    info = store.commit(4, {"data_cursor": {"consumed": 32, "seed": 0, "skipped": [2]}})
+    with pytest.raises(DataError, match=r"skipped global batch\(es\) \[2\].*does not record"):
+        check_skips(tmp_path, ResumeChoice(info), global_batch=8)
+    write_skipped(tmp_path, [SkippedBatch(batch=2, step=3, positions=(16, 24), samples=())], global_batch=8)
+    check_skips(tmp_path, ResumeChoice(info), global_batch=8)
+    check_skips(tmp_path, ResumeChoice(None), global_batch=8)
