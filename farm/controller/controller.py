@@ -397,6 +397,10 @@ class Controller:
         self.tracker.event("failure", step=state.step, rank=fault.rank, node=fault.node, fault=fault.kind,
                            detail=fault.detail, attempt=self.attempt.number)
         self._drop_group()  # phase 1: every actor goes; the next attempt starts its own
+        newest_path, newest = self._restore_point()
+        if newest_path is not None:
+            # A save committed in the background since the last poll counts: the restore will use it.
+            self.last_checkpoint = newest
         decision = self._decide(fault, step=state.step)
         if isinstance(decision, Abort):
             return Failed(step=state.step, error=WorkerFailure(f"{state.message} at step {state.step + 1}. "
