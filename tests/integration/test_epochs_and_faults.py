@@ -10,6 +10,7 @@ import pytest
 from farm.checkpoint import CheckpointStore
 from farm.config import DataConfig
 from farm.data import load_manifest, prepare
+from farm.data.ledger import skipped_positions
 from farm.errors import CheckpointError
 from farm.tracking import read_events, read_metrics
 from tests.integration.conftest import run_farm
@@ -41,7 +42,10 @@ def test_every_sample_once_per_epoch_across_a_boundary_and_a_relayout(small_epoc
             for position, sample in zip(row["positions"], row["samples"], strict=True):
                 assert position not in seen, f"position {position} trained twice"
                 seen[position] = sample
-    assert sorted(seen) == list(range(12 * 16)), "every position of 12 steps, none lost"
+    skipped = skipped_positions(run_dir)
+    assert skipped == [], "no loss was non-finite: no batch skipped"
+    assert not set(seen) & set(skipped), "a skipped position is never trained"
+    assert sorted([*seen, *skipped]) == list(range(12 * 16)), "every position of 12 steps trained or skipped"
     epoch0 = [seen[p] for p in range(rows)]
     assert sorted(epoch0) == list(range(rows)), "epoch 0 holds every sample exactly once"
     epoch1 = [seen[p] for p in range(rows, 12 * 16)]
