@@ -82,6 +82,26 @@ def part_names(rank: int) -> list[str]:
     return [f"rank-{rank:05d}-b{k}" for k in range(MAX_BLOCKS)]
 
 
+def _skip_inference_ops(deepspeed: Any) -> None:
+    """Keep DeepSpeed from building the shared-memory all-reduce of its CPU accelerator.
+
+    DeepSpeed compiles that C++ op when its communication backend starts, and calls it only from
+    ``inference_all_reduce``; training reduces through the process group (gloo here) either way.
+    The compile takes about a minute on 2 cores in every new environment (a fresh venv, another
+    checkout), while the run's workers wait in start-up. Marking the op incompatible makes
+    DeepSpeed skip it, as it does on machines where it cannot build.
+
+    That table of compatible ops is filled on first use by probing every op builder, which runs a
+    compiler per op in every worker; the shared-memory op is its only reader, so on CPU the table
+    holds just that entry and the probe never runs.
+    """
+    if deepspeed.accelerator.get_accelerator().device_name() != "cpu":
+        return
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        deepspeed.ops.__compatible_ops__ = {}
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class TrainEngine:
     """One worker's model shard, optimizer and step function."""
 
@@ -91,6 +111,7 @@ class TrainEngine:
         import deepspeed
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
+        _skip_inference_ops(deepspeed)
         self.model_cfg, self.train, self.ctx = model, train, ctx
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         # With one DP rank ZeRO has nothing to partition, and its bookkeeping costs a third of a
