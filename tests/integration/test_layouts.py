@@ -115,8 +115,9 @@ def resume_elsewhere(source: Path, target: Path, *, data: Path, address: str, la
     [
         ("dp2", ("local", 1, 2, 1), ()),                  # DP2 -> DP1 TP2
         pytest.param("tp2pp2", ("local", 2, 1, 1), (), marks=pytest.mark.slow),  # TP2 PP2 -> DP2
-        ("pp2", ("local", 1, 1, 1), ()),                  # PP2 -> PP1
-        ("dp2", ("local", 2, 1, 1), ("parallel.zero_stage=2",)),  # ZeRO-1 -> ZeRO-2
+        pytest.param("pp2", ("local", 1, 1, 1), (), marks=pytest.mark.slow),  # PP2 -> PP1
+        # ZeRO-1 -> ZeRO-2
+        pytest.param("dp2", ("local", 2, 1, 1), ("parallel.zero_stage=2",), marks=pytest.mark.slow),
     ],
     ids=["dp2-to-tp2", "tp2pp2-to-dp2", "pp2-to-pp1", "zero1-to-zero2"],
 )

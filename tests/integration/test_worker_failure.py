@@ -15,7 +15,8 @@ import pytest
 
 from farm.tracking import read_events, read_metrics
 
-pytestmark = [pytest.mark.integration]
+# Slow tier: the default run loses a whole node in test_rejoin.py and replaces one in test_recovery.py.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -91,6 +91,7 @@ def wandb_runs(run_dir: Path) -> set[str]:
     return {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
 
 
+@pytest.mark.slow  # the default run's requeued job also trains to its end (below)
 def test_job_trains_to_the_end_with_metrics_and_a_checkpoint(
     slurm: SlurmCluster, slurm_data: Path, tmp_path: Path
 ) -> None:
@@ -143,10 +144,14 @@ def test_requeued_job_resumes_from_its_checkpoint_with_the_same_wandb_run(
     )
     assert (run_dir / "wandb_id").read_text().strip() == wandb_id
     assert wandb_runs(run_dir) == {wandb_id}
+    assert checkpoint_steps(run_dir)[-1] == steps
     assert_valid_checkpoint(run_dir, steps)
+    assert events(run_dir)[-1]["event"] == "end"
+    assert "Ray head on " in text and "Ray cluster complete: 1 node(s)" in text
     assert_ray_gone(job_id)
 
 
+@pytest.mark.slow
 def test_sigterm_before_the_limit_leaves_a_valid_checkpoint_and_restarts_are_bounded(
     slurm: SlurmCluster, slurm_data: Path, tmp_path: Path
 ) -> None:
