@@ -122,3 +122,15 @@ def test_margin_and_total() -> None:
     assert m["margin"] == pytest.approx(0.10 * allocated + 1.5 * GiB)
     assert m["total"] == pytest.approx(allocated + m["margin"])
     assert m["capacity"] == 16 * GiB
+
+
+def test_the_llama_shaped_1b_config_has_llama_3_2_1bs_published_parameter_count() -> None:
+    torch = pytest.importorskip("torch")
+    from farm._hydra import compose_from_argv
+    from farm.runtime.model import GPT
+
+    cfg = compose_from_argv(["+topology=local", "model=llama-1b"])[0].model
+    # Llama-3.2-1B's config.json holds 1,235,814,400 parameters (embedding tied to the head).
+    assert ModelShape.from_config(cfg).num_params == 1_235_814_400
+    with torch.device("meta"):
+        assert GPT(cfg, vocab_size=cfg.vocab_size).num_params() == 1_235_814_400
