@@ -45,11 +45,15 @@ class ArrowShardSource:
         # row_len items at a known offset, so a gather is one fancy index per shard touched rather
         # than one per record batch (batches are not contiguous: metadata sits between them).
         self._windows: list[np.ndarray] = []
+        # The same windows seen as one opaque item of row_len values each: numpy's fancy index then
+        # copies a row with one memcpy, not item by item (about half the time of a 2-D gather).
+        self._rows_of: list[np.ndarray] = []
         block_offset: list[int] = []  # item offset of each record batch within its file
         block_shard: list[int] = []
         for index, shard in enumerate(manifest.shards):
             flat, blocks = self._open(shard)
             self._windows.append(np.lib.stride_tricks.sliding_window_view(flat, self.row_len))
+            self._rows_of.append(self._row_items(flat))
             self._blocks_of.append(blocks)
             block_offset.extend(self._offset_in(flat, block, shard) for block in blocks)
             block_shard.extend([index] * len(blocks))
@@ -57,6 +61,8 @@ class ArrowShardSource:
         self._block_start = np.cumsum([0, *sizes], dtype=np.int64)
         self._block_offset = np.asarray(block_offset, dtype=np.int64)
         self._block_shard = np.asarray(block_shard, dtype=np.int64)
+        # Item offset of global row r within its file, for r in block i: r * row_len + _block_delta[i].
+        self._block_delta = self._block_offset - self._block_start[:-1] * self.row_len
         self._shard_start = np.cumsum([0] + [s.rows for s in manifest.shards], dtype=np.int64)
         self._shard_index = {s.file: i for i, s in enumerate(manifest.shards)}
 
@@ -95,6 +101,12 @@ class ArrowShardSource:
         flat = np.frombuffer(whole, dtype=self.manifest.dtype, count=whole.size // itemsize)
         return flat, blocks
 
+    def _row_items(self, flat: np.ndarray) -> np.ndarray:
+        """A read-only 1-D view whose item ``o`` is the row of row_len values at item offset ``o``."""
+        row = np.dtype((np.void, self.row_len * flat.itemsize))
+        count = max(0, len(flat) - self.row_len + 1)
+        return np.ndarray((count,), dtype=row, buffer=flat, strides=(flat.itemsize,))
+
     def _offset_in(self, flat: np.ndarray, block: np.ndarray, shard: ShardInfo) -> int:
         start = block.__array_interface__["data"][0] - flat.__array_interface__["data"][0]
         if start % flat.itemsize or not 0 <= start < flat.nbytes:
@@ -125,11 +137,14 @@ class ArrowShardSource:
         shard = np.searchsorted(self._shard_start, rows, side="right") - 1
         return shard, rows - self._shard_start[shard]
 
-    def take(self, global_rows: np.ndarray) -> np.ndarray:
-        """Rows by global id, in the given order, as a new int64 array (n, row_len)."""
+    def take(self, global_rows: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows by global id, in the given order, as int64 (n, row_len): a new array, or ``out``."""
         rows = self._checked(global_rows)
-        if len(rows) <= 32:
+        if out is None:
             out = np.empty((len(rows), self.row_len), dtype=np.int64)
+        elif out.shape != (len(rows), self.row_len) or out.dtype != np.int64:
+            raise ValueError(f"out must be int64 {(len(rows), self.row_len)}, got {out.dtype} {out.shape}")
+        if len(rows) <= 32:
             block = np.searchsorted(self._block_start, rows, side="right") - 1
             offset = self._block_offset[block] + (rows - self._block_start[block]) * self.row_len
             for i, (s, o) in enumerate(zip(self._block_shard[block].tolist(), offset.tolist())):
@@ -137,11 +152,36 @@ class ArrowShardSource:
             return out
         # Gathered in ascending row order, which walks each file forwards (a fraction of the time a
         # gather in sample order takes), in the stored dtype, then put back in the asked order.
-        by_row = np.argsort(rows, kind="stable")
-        ordered = rows[by_row]
-        block = np.searchsorted(self._block_start, ordered, side="right") - 1
-        offset = self._block_offset[block] + (ordered - self._block_start[block]) * self.row_len
-        gathered = np.empty((len(rows), self.row_len), dtype=self._windows[0].dtype)
+        ordered, by_row = self._sorted(rows)
+        gathered = self._gather_sorted(ordered)
+        # Back to the asked order: a 2-D take from the small sorted buffer (reads stay in cache,
+        # writes go in order; a take of whole-row items is several times slower here), then one
+        # sequential widening into ``out``.
+        inverse = np.empty_like(by_row)
+        inverse[by_row] = np.arange(len(by_row))
+        np.copyto(out, np.take(gathered, inverse, axis=0))
+        return out
+
+    def _sorted(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows ascending, where each came from): a stable argsort, done as one sort of keys.
+
+        A key is the row id above the row's index, so equal ids keep their order and the sort is
+        numpy's vectorised one for plain integers, a third of the time of an argsort.
+        """
+        shift = max(1, (len(rows) - 1).bit_length())
+        if self.total_rows >= 1 << (62 - shift):
+            by_row = np.argsort(rows, kind="stable")
+            return rows[by_row], by_row
+        keys = np.sort((rows << shift) | np.arange(len(rows), dtype=np.int64))
+        return keys >> shift, keys & ((1 << shift) - 1)
+
+    def _gather_sorted(self, ordered: np.ndarray) -> np.ndarray:
+        """Rows of ascending global ids, in the stored dtype: one fancy index per shard touched."""
+        # The rows of each record batch are a run of ``ordered``: find the runs' ends, not each row.
+        per_block = np.diff(np.searchsorted(ordered, self._block_start))
+        offset = ordered * self.row_len + np.repeat(self._block_delta, per_block)
+        gathered = np.empty((len(ordered), self.row_len), dtype=self._windows[0].dtype)
+        as_items = gathered.view(self._rows_of[0].dtype).reshape(-1)
         # Shards hold consecutive row ranges, so the sorted rows fall into one run per shard.
         bounds = np.searchsorted(ordered, self._shard_start).tolist()
         for shard, (lo, hi) in enumerate(itertools.pairwise(bounds)):
@@ -151,12 +191,8 @@ class ArrowShardSource:
             if int(ordered[hi - 1]) - first == hi - lo - 1 and self._consecutive(ordered[lo:hi]):
                 self._copy_batches(shard, first - int(self._shard_start[shard]), gathered[lo:hi])
             else:
-                gathered[lo:hi] = self._windows[shard][offset[lo:hi]]
-        # Back to the asked order: a gather from the small sorted buffer (reads stay in cache, writes
-        # go in order), widened to int64 in one sequential pass.
-        inverse = np.empty_like(by_row)
-        inverse[by_row] = np.arange(len(by_row))
-        return np.take(gathered, inverse, axis=0).astype(np.int64)
+                as_items[lo:hi] = self._rows_of[shard][offset[lo:hi]]
+        return gathered
 
     @staticmethod
     def _consecutive(ordered: np.ndarray) -> bool:
@@ -180,6 +216,7 @@ class ArrowShardSource:
     def close(self) -> None:
         """Drop the views and unmap the files; the source is unusable afterwards."""
         self._windows.clear()
+        self._rows_of.clear()
         self._blocks_of.clear()
         for mm in self._maps:
             mm.close()
