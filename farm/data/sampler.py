@@ -63,6 +63,8 @@ class GlobalOrder:
         if pos.size and pos.min() < 0:
             raise ValueError("positions must be >= 0")
         epochs, index = np.divmod(pos, self.num_samples)
+        if pos.size and epochs.min() == epochs.max():  # the common case, without masks
+            return self.permutation(int(epochs[0]))[index]
         out = np.empty_like(pos)
         for epoch in np.unique(epochs).tolist():
             mask = epochs == epoch

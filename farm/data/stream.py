@@ -8,6 +8,7 @@ is ``consumed`` samples and the skips.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ _POLL_S = 0.1
 class RowSource(Protocol):
     row_len: int
 
-    def take(self, global_rows: np.ndarray) -> np.ndarray: ...
+    def take(self, global_rows: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray: ...
 
 
 @dataclass(eq=False, slots=True)
@@ -44,6 +45,34 @@ class MicroBatch:
     """int64, shape (micro_batch, row_len)."""
     sample_ids: np.ndarray
     """Global row ids of the rows, in order."""
+
+
+class _Buffers:
+    """int64 parcel buffers, each used again once nothing outside this pool refers to it.
+
+    Every view of a buffer (a micro-batch's tokens, a tensor from ``torch.from_numpy``) keeps the
+    buffer itself alive, so a reference count of the pool's own references means no one can reach
+    its memory any more. Writing into such a buffer costs a fraction of a fresh allocation, whose
+    pages the kernel must map and zero: that was about a third of the stream's time
+    (docs/benchmarks.md). A consumer that keeps its micro-batches only makes the pool allocate.
+    """
+
+    def __init__(self, shape: tuple[int, int], keep: int) -> None:
+        self.shape = shape
+        self.keep = keep
+        self._pool: list[np.ndarray] = []
+
+    def get(self, rows: int) -> np.ndarray:
+        """A (rows, row_len) int64 array no one else refers to."""
+        for buf in self._pool:
+            # References: the pool's list, this loop's name and getrefcount's argument.
+            if sys.getrefcount(buf) <= 3:
+                return buf[:rows]
+        buf = np.empty(self.shape, dtype=np.int64)
+        self._pool.append(buf)
+        if len(self._pool) > self.keep:
+            self._pool.pop(0)  # still held by a consumer; freed when it lets go
+        return buf[:rows]
 
 
 class _End:
@@ -97,6 +126,11 @@ class MicroBatchStream:
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=-(-max(1, prefetch) // self.parcel_size))
         self._thread: threading.Thread | None = None
         self._sync: Iterator[list[MicroBatch]] | None = None
+        # One buffer per queued parcel, plus the one being read, the one being consumed and the
+        # step the consumer still holds.
+        self._buffers = _Buffers(
+            (self.parcel_size * layout.micro_batch, source.row_len), keep=self._queue.maxsize + 3
+        )
 
     # -- producer -------------------------------------------------------------------------------
 
@@ -113,7 +147,8 @@ class MicroBatchStream:
             # the global batch each step trains.
             first = lay.skips.batches_of(steps) * lay.global_batch + (micros * lay.dp_size + lay.dp_rank) * b
             ids = self.order.at((first[:, None] + np.arange(b)).reshape(-1)).reshape(count, b)
-            tokens = self.source.take(ids.reshape(-1)).reshape(count, b, -1)
+            rows = self.source.take(ids.reshape(-1), out=self._buffers.get(count * b))
+            tokens = rows.reshape(count, b, -1)
             yield list(map(MicroBatch, steps.tolist(), micros.tolist(), tokens, ids))
             index += count
 

@@ -8,7 +8,9 @@ plain pyarrow read of the files.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -131,3 +133,72 @@ def test_take_in_any_order_with_repeats_and_runs(data: tuple[ArrowShardSource, n
     for ids in cases:
         np.testing.assert_array_equal(source.take(ids), every[ids])
         np.testing.assert_array_equal(source.take(ids), _old_take(source, ids))
+
+
+def _reference_ids(
+    fingerprint: str, seed: int, n: int, layout: BatchLayout, step: int, micro: int
+) -> list[int]:
+    """docs/data.md written out: SeedSequence(sha256(fingerprint) words, seed, epoch) -> PCG64
+    permutation per epoch; micro-batch ``micro`` of rank r in step k is global micro-batch
+    micro * D + r, positions k * G + (micro * D + r) * b + j; position p is perm_{p // N}[p % N]."""
+    words = hashlib.sha256(fingerprint.encode()).digest()
+    entropy = [int.from_bytes(words[i : i + 8], "little") for i in range(0, 32, 8)] + [seed]
+    ids = []
+    for j in range(layout.micro_batch):
+        p = step * layout.global_batch + (micro * layout.dp_size + layout.dp_rank) * layout.micro_batch + j
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([*entropy, p // n])))
+        ids.append(int(rng.permutation(n)[p % n]))
+    return ids
+
+
+@pytest.mark.parametrize(("seed", "dp", "rank", "b", "start", "steps"), CASES)
+def test_stream_follows_the_documented_order(
+    data: tuple[ArrowShardSource, np.ndarray], seed: int, dp: int, rank: int, b: int, start: int, steps: int
+) -> None:
+    """Each (step, rank) reads the samples the documented order names, one position at a time."""
+    source, every = data
+    fingerprint, n = source.manifest.fingerprint, source.total_rows
+    layout = BatchLayout(global_batch=16, micro_batch=b, dp_size=dp, dp_rank=rank)
+    order = GlobalOrder(n, seed, fingerprint)
+    with MicroBatchStream(
+        source, order, layout, start_step=start, end_step=start + steps, prefetch=0
+    ) as stream:
+        got = list(stream)
+    assert len(got) == steps * layout.grad_accum
+    for mb in got[:: max(1, len(got) // 12)]:  # a dozen micro-batches: a permutation per position
+        ids = _reference_ids(fingerprint, seed, n, layout, mb.step, mb.micro)
+        assert mb.sample_ids.tolist() == ids
+        np.testing.assert_array_equal(mb.tokens, every[ids])
+
+
+def test_buffers_are_reused_only_when_nothing_refers_to_them(
+    data: tuple[ArrowShardSource, np.ndarray],
+) -> None:
+    """Rows the consumer keeps (an array, a tensor, one row of it) are never written over, while the
+    parcels it let go of are written into again."""
+    torch = pytest.importorskip("torch")
+    source, every = data
+    order = GlobalOrder(source.total_rows, 3, source.manifest.fingerprint)
+    layout = BatchLayout(global_batch=16, micro_batch=4, dp_size=1, dp_rank=0)
+    kept: list[tuple[np.ndarray, object]] = []
+    seen: dict[int, weakref.ref[np.ndarray]] = {}  # the buffers, not held: holding one stops its reuse
+    parcels = reused = 0
+    with MicroBatchStream(
+        source, order, layout, end_step=400, prefetch=2, parcel_tokens=40 * 4 * 9
+    ) as stream:
+        for i, mb in enumerate(stream):
+            if mb.micro == 0 and mb.step % 10 == 0:  # the first micro-batch of a parcel of 40
+                parcels += 1
+                known = seen.get(id(mb.tokens.base))
+                reused += known is not None and known() is mb.tokens.base
+                seen[id(mb.tokens.base)] = weakref.ref(mb.tokens.base)
+            if i % 331 == 0:
+                kept.append((mb.sample_ids, mb.tokens))
+            elif i % 331 == 1:
+                kept.append((mb.sample_ids, torch.from_numpy(mb.tokens)))
+            elif i % 331 == 2:
+                kept.append((mb.sample_ids[1:2], mb.tokens[1:2, :-1]))
+    assert parcels == 40 and reused >= parcels - 10  # most parcels went into buffers used before
+    for ids, tokens in kept:
+        held = tokens.numpy() if isinstance(tokens, torch.Tensor) else tokens
+        np.testing.assert_array_equal(held, every[ids][:, : held.shape[1]])
