@@ -16,7 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-gpu", action="store_true", help="run tests that need an accelerator")
     parser.addoption("--run-slow", action="store_true",
-                     help="also run the long cases (marked slow); the default run keeps under 15 minutes on 2 cores")
+                     help="also run the long cases (marked slow), which the default run leaves out for time")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
