@@ -289,9 +289,10 @@ class Controller:
             fault = WorkerFault(rank=slow.rank, node=slow.node, kind="straggler",
                                 detail=f"rank {slow.rank} computes {slow.slowdown}x slower than its peers' median "
                                        f"for {slow.steps} steps")
-            if self.p.run.exclude_stragglers:
-                # Before this step's checkpoint gate: the newest valid checkpoint is restored, as
-                # for any other fault, and the policy decides what replaces the node.
+            if self.p.run.exclude_stragglers and step < self.p.train.steps:
+                # The slow node is still up: checkpoint this step first, so the re-plan without it
+                # redoes no step; then the policy decides what replaces the node, as for any fault.
+                self._save_now(step)
                 return self._on_fault(fault, f"node {slow.node} is a straggler")
         return None
 
@@ -317,6 +318,15 @@ class Controller:
         self.saving = True
         self.group.call("save", timeout=self.p.run.step_timeout_s, what=f"checkpoint at step {step}",
                         root=root, step=step, meta=meta, cfg=self.p.checkpoint)
+
+    def _save_now(self, step: int) -> None:
+        """Checkpoint ``step`` and wait until it is committed (or has failed, which leaves the
+        previous checkpoint the newest valid one)."""
+        if self.saving:
+            self._wait_saves()  # at most one save in flight
+        if self.last_checkpoint != step:
+            self._save(step)
+            self._wait_saves()
 
     def _wait_saves(self) -> None:
         self._note_commits(self.group.call(

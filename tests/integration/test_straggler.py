@@ -70,6 +70,10 @@ def test_a_slowed_worker_is_found_and_its_node_replanned_away(tiny_data: Path, t
     assert failure["fault"] == "straggler" and failure["node"] == node, failure
     decision = next(e for e in events if e["event"] == "decision")
     assert decision["decision"] == "shrink" and node in decision["reason"], decision
+    # The slow node was still up: the step it was found at was checkpointed before it left.
+    restore = next(e for e in events if e["event"] == "restore")
+    recovery = next(e for e in events if e["event"] == "recovery")
+    assert restore["step"] == failure["step"] and recovery["lost_steps"] == 0, (restore, recovery)
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert rows[-1]["layout"]["dp"] == 4, "trained on without the slow node"

@@ -255,6 +255,9 @@ def test_an_excluded_straggler_is_replanned_away(tmp_path: Path) -> None:
     failure = events(tmp_path, "failure")[0]
     assert failure["fault"] == "straggler" and failure["node"] == "node-2" and failure["step"] == 6
     assert events(tmp_path, "decision")[0]["decision"] == "shrink"
+    # The node was still up: step 6 was saved before it left, so the re-plan redoes nothing.
+    assert 6 in [e["step"] for e in events(tmp_path, "checkpoint")]
+    assert events(tmp_path, "restore")[0]["step"] == 6 and events(tmp_path, "recovery")[0]["lost_steps"] == 0
     groups = [entry for entry in log if entry[0] == "group"]
     assert groups[-1][4] == ["node-0", "node-1"], "node-2 is out of the layout"
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 21))
