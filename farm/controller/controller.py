@@ -407,10 +407,10 @@ class Controller:
         self.tracker.event("failure", step=state.step, rank=fault.rank, node=fault.node, fault=fault.kind,
                            detail=fault.detail, attempt=self.attempt.number)
         self._drop_group()  # phase 1: every actor goes; the next attempt starts its own
-        newest_path, newest = self._restore_point()
-        if newest_path is not None:
+        restore = self._restore_point()  # read once: no save can commit now that the group is gone
+        if restore[0] is not None:
             # A save committed in the background since the last poll counts: the restore will use it.
-            self.last_checkpoint = newest
+            self.last_checkpoint = restore[1]
         decision = self._decide(fault, step=state.step)
         if isinstance(decision, Abort):
             return Failed(step=state.step, error=WorkerFailure(f"{state.message} at step {state.step + 1}. "
@@ -419,7 +419,7 @@ class Controller:
             self._skip(decision.step)
         if isinstance(decision, Noop):
             decision = Restart(reason=decision.reason)
-        return self._next(decision, step=state.step, fault=fault, detected_at=state.detected_at)
+        return self._next(decision, step=state.step, fault=fault, detected_at=state.detected_at, restore=restore)
 
     def _skip(self, step: int) -> None:
         """Record that no step trains the global batch step ``step`` (from 1) trained, before any worker
@@ -457,7 +457,8 @@ class Controller:
         self.tracker.event("decision", step=step, decision=decision.kind, reason=decision.reason)
         return decision
 
-    def _next(self, decision: Decision, *, step: int, fault: WorkerFault | None, detected_at: float) -> State:
+    def _next(self, decision: Decision, *, step: int, fault: WorkerFault | None, detected_at: float,
+              restore: tuple[str | None, int] | None = None) -> State:
         """Plan the next attempt for ``decision`` and start it from the newest valid checkpoint."""
         began = time.monotonic()
         old = self.attempt
@@ -472,7 +473,7 @@ class Controller:
         self.tracker.event("replan", old=old.layout, new=attempt.layout, plan_s=round(replan_s, 4),
                            attempt=attempt.number, nodes=sorted({r.node for r in attempt.plan.ranks}),
                            notes=list(attempt.plan.notes[:1]))
-        path, from_step = self._restore_point()
+        path, from_step = restore if restore is not None else self._restore_point()
         self.clock = RecoveryClock(
             fault="rejoin" if fault is None else f"{fault.node} {fault.kind}", reached=step,
             detected_at=detected_at, detect_s=max(0.0, detected_at - self.step_done_at) if fault else 0.0,
