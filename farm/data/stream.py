@@ -64,14 +64,20 @@ class _Buffers:
 
     def get(self, rows: int) -> np.ndarray:
         """A (rows, row_len) int64 array no one else refers to."""
-        for buf in self._pool:
-            # References: the pool's list, this loop's name and getrefcount's argument.
+        pool = self._pool
+        for i in range(len(pool)):
+            buf = pool[i]
+            # References: the pool's list, this name and getrefcount's argument (enumerate's
+            # reused result tuple would be one more).
             if sys.getrefcount(buf) <= 3:
+                pool.append(pool.pop(i))  # the most recently used last
                 return buf[:rows]
         buf = np.empty(self.shape, dtype=np.int64)
-        self._pool.append(buf)
-        if len(self._pool) > self.keep:
-            self._pool.pop(0)  # still held by a consumer; freed when it lets go
+        pool.append(buf)
+        if len(pool) > self.keep:
+            # Every buffer is held. The one unused the longest is the likeliest to be one a consumer
+            # keeps, not one still in flight that comes free soon; it is freed when it is let go.
+            pool.pop(0)
         return buf[:rows]
 
 
