@@ -43,9 +43,9 @@ from farm.data.manifest import TOKENIZER_NAME
 from farm.data.sampler import GlobalOrder
 from farm.data.skips import supersede_skips
 from farm.errors import CheckpointCorrupt, ConfigError, DataError, PlanError, RunDirError
+from farm.model import padded_vocab
 from farm.plan import Plan, make_plan
 from farm.runlock import RunDirLock, os_problem
-from farm.runtime.model import padded_vocab
 from farm.topology import Farm, load_farm
 
 if TYPE_CHECKING:  # the tracker and the controller import Ray and W&B lazily

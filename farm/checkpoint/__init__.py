@@ -5,8 +5,11 @@ invariant 3). Saves are collective-free and commit atomically; loads verify chec
 to the previous checkpoint; nothing is ever unpickled. The format is described in docs/checkpoints.md.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from farm.checkpoint.manifest import FORMAT_VERSION, Manifest, SliceEntry, part_name
-from farm.checkpoint.reader import CheckpointReader
 from farm.checkpoint.store import (
     CheckpointInfo,
     CheckpointStore,
@@ -14,7 +17,21 @@ from farm.checkpoint.store import (
     open_checkpoint,
     verify_checkpoint,
 )
-from farm.checkpoint.writer import AsyncCheckpointWriter
+
+if TYPE_CHECKING:
+    from farm.checkpoint.reader import CheckpointReader
+    from farm.checkpoint.writer import AsyncCheckpointWriter
+
+_TORCH_USERS = {"CheckpointReader": "farm.checkpoint.reader", "AsyncCheckpointWriter": "farm.checkpoint.writer"}
+"""Imported on first use: they import torch, which the launch's checks before training do not need."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_USERS:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_USERS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "FORMAT_VERSION",

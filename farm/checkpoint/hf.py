@@ -15,17 +15,19 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from farm.checkpoint.manifest import STEP_DIR_RE, step_dir_name
 from farm.checkpoint.parts import sha256_file
-from farm.checkpoint.reader import CheckpointReader, Index
 from farm.checkpoint.store import CheckpointInfo, CheckpointStore, open_checkpoint
 from farm.config import ModelConfig
 from farm.errors import CheckpointError, ConfigError
-from farm.model.hf import TokenIds, mapping
+
+if TYPE_CHECKING:  # torch, which the launch's checks before training do not need
+    import torch
+
+    from farm.checkpoint.reader import CheckpointReader, Index
+    from farm.model.hf import TokenIds
 
 HF_PREFIX = "hf:"
 MODEL_CONFIG_KEY = "model_config"
@@ -139,6 +141,8 @@ def _token_ids(tokenizer: Path) -> tuple[TokenIds, str]:
 
     loaded = load_tokenizer(tokenizer)
     eos = loaded.tokenizer.id_to_token(loaded.eos_id) or ""  # load_tokenizer found it by name
+    from farm.model.hf import TokenIds
+
     return TokenIds(bos=loaded.eos_id, eos=loaded.eos_id), eos
 
 
@@ -169,6 +173,8 @@ def export_hf(
         cfg, vocab = checkpoint_model(reader)
         tok_file = _tokenizer_file(reader, tokenizer)
         ids, eos = _token_ids(tok_file)
+        from farm.model.hf import mapping
+
         hf = mapping(cfg.arch)
 
         def get(name: str) -> torch.Tensor:
@@ -230,6 +236,8 @@ def check_init_from(cfg: ModelConfig, *, vocab: int, tokenizer_sha256: str | Non
     """Refuse, naming each field, an HF directory that does not fit this model or this data."""
     assert cfg.init_from is not None
     path = hf_path(cfg.init_from)
+    from farm.model.hf import mapping
+
     hf = mapping(cfg.arch)
     if hf.from_hf is None or hf.problems is None:
         raise ConfigError(
@@ -260,6 +268,8 @@ class HFWeights:
 
         assert cfg.init_from is not None
         path = hf_path(cfg.init_from)
+        from farm.model.hf import mapping
+
         hf = mapping(cfg.arch)
         assert hf.from_hf is not None
         self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in _weight_files(path)]

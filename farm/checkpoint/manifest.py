@@ -8,16 +8,18 @@ the file work. Nothing here unpickles: manifests are strict JSON, tensors are sa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from farm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "farm-checkpoint"
 FORMAT_VERSION = 1
@@ -31,30 +33,42 @@ STEP_DIR_RE = re.compile(r"^step-(\d{8,})$")
 TMP_DIR_RE = re.compile(r"^\.tmp-step-(\d{8,})-(.+)$")
 _PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-# torch dtype <-> the safetensors dtype code stored in file headers and in the manifest.
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "C64": torch.complex64,
+DTYPE_NAMES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "C64": ("complex64", 8),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
-for _code, _name in (
-    ("U16", "uint16"),
-    ("U32", "uint32"),
-    ("U64", "uint64"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E5M2", "float8_e5m2"),
-):
-    if hasattr(torch, _name):
-        DTYPES[_code] = getattr(torch, _name)
-DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in DTYPES.items()}
+"""The safetensors dtype code stored in file headers and in the manifest: torch's name, item size.
+
+Names, not torch dtypes, so that reading a manifest (the launch checks checkpoints before any worker
+starts) does not import torch; ``torch_dtypes`` maps them once torch is needed."""
+
+
+@functools.cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """Code -> torch dtype, for the codes this torch has."""
+    import torch
+
+    return {code: getattr(torch, name) for code, (name, _) in DTYPE_NAMES.items() if hasattr(torch, name)}
+
+
+@functools.cache
+def dtype_codes() -> dict[torch.dtype, str]:
+    """torch dtype -> code."""
+    return {dtype: code for code, dtype in torch_dtypes().items()}
 
 
 def step_dir_name(step: int) -> str:
@@ -113,7 +127,7 @@ class SliceEntry:
                     f"slice of shape {list(shape)} at offsets {list(self.offsets)} lies outside the "
                     f"global shape {list(self.global_shape)}"
                 )
-        if self.tensor.dtype not in DTYPE_CODES:
+        if self.tensor.dtype not in dtype_codes():
             raise CheckpointError(f"tensors of dtype {self.tensor.dtype} cannot be checkpointed")
 
     @classmethod
@@ -143,7 +157,7 @@ class TensorRecord:
 
     @property
     def nbytes(self) -> int:
-        return numel(self.global_shape) * DTYPES[self.dtype].itemsize
+        return numel(self.global_shape) * DTYPE_NAMES[self.dtype][1]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -231,7 +245,7 @@ def _plain_file_name(name: Any, where: str) -> str:
 
 def _parse_tensor(name: str, raw: Any, files: Mapping[str, FileRecord]) -> TensorRecord:
     where = f"manifest.json tensors[{name!r}]"
-    if not isinstance(raw, dict) or raw.get("dtype") not in DTYPES or not isinstance(raw.get("slices"), list):
+    if not isinstance(raw, dict) or raw.get("dtype") not in DTYPE_NAMES or not isinstance(raw.get("slices"), list):
         raise CheckpointError(f"{where}: needs a known dtype, global_shape and slices")
     slices = []
     for i, s in enumerate(raw["slices"]):

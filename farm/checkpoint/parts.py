@@ -16,12 +16,13 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from farm.checkpoint.manifest import DTYPE_CODES, DTYPES, PART_INDEX_KEY, SliceEntry, parse_json
+from farm.checkpoint.manifest import DTYPE_NAMES, PART_INDEX_KEY, SliceEntry, dtype_codes, parse_json
 from farm.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 64 << 20
 """Bytes per write and hash call: large enough for full disk bandwidth, small enough to overlap."""
@@ -50,6 +51,8 @@ def _byte_view(name: str, tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
+    import torch
+
     array: Any = flat.view(torch.uint8).numpy()
     return memoryview(array)
 
@@ -63,7 +66,7 @@ def _header(entries: Mapping[str, SliceEntry]) -> tuple[bytes, list[tuple[str, m
         entry = entries[name]
         view = _byte_view(name, entry.tensor)
         header[name] = {
-            "dtype": DTYPE_CODES[entry.tensor.dtype],
+            "dtype": dtype_codes()[entry.tensor.dtype],
             "shape": list(entry.tensor.shape),
             "data_offsets": [offset, offset + view.nbytes],
         }
@@ -161,7 +164,7 @@ def read_part_header(path: Path) -> dict[str, PartEntry]:
     entries, end = {}, 0
     try:
         for name, info in header.items():
-            if info.get("dtype") not in DTYPES:
+            if info.get("dtype") not in DTYPE_NAMES:
                 raise CheckpointError(f"{path.name}: tensor {name!r} has an unknown dtype")
             where = index[name]
             entries[name] = PartEntry(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from farm.checkpoint.manifest import DTYPES, Manifest, StoredSlice, TensorRecord, numel
+from farm.checkpoint.manifest import Manifest, StoredSlice, TensorRecord, numel, torch_dtypes
 from farm.checkpoint.parts import sha256_file
 from farm.errors import CheckpointCorrupt, CheckpointError
 
@@ -71,7 +71,7 @@ class CheckpointReader:
         return self._record(name).global_shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return DTYPES[self._record(name).dtype]
+        return _torch_dtype(name, self._record(name).dtype)
 
     @property
     def opened_files(self) -> list[str]:
@@ -93,7 +93,7 @@ class CheckpointReader:
                 pieces.append((stored, inter))
         if len(pieces) == 1 and [hi - lo for lo, hi in pieces[0][1]] == shape == list(pieces[0][0].shape):
             return self._load(name, record, *pieces[0])  # one stored slice is exactly the request: no copy
-        out = torch.empty(shape, dtype=DTYPES[record.dtype])
+        out = torch.empty(shape, dtype=_torch_dtype(name, record.dtype))
         covered = 0
         for stored, inter in pieces:
             dest = tuple(slice(lo - start, hi - start) for (lo, hi), (start, _) in zip(inter, box))
@@ -169,3 +169,13 @@ class CheckpointReader:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _torch_dtype(name: str, code: str) -> torch.dtype:
+    dtype = torch_dtypes().get(code)
+    if dtype is None:
+        raise CheckpointError(
+            f"tensor {name!r} is stored as {code}, which this torch ({torch.__version__}) has no dtype "
+            "for; read the checkpoint with the torch release that wrote it, or a newer one"
+        )
+    return dtype

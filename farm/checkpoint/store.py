@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from farm.checkpoint.manifest import (
     LATEST,
@@ -51,8 +51,10 @@ from farm.checkpoint.parts import (
     write_file_atomic,
     write_part_file,
 )
-from farm.checkpoint.reader import CheckpointReader
 from farm.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # the reader imports torch; choosing and verifying checkpoints does not need it
+    from farm.checkpoint.reader import CheckpointReader
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,8 @@ def open_checkpoint(
     manifest, problem = _check_manifest(info.path, full=False)
     if manifest is None or problem:
         raise CheckpointError(f"checkpoint {info.path} cannot be opened: {problem}")
+    from farm.checkpoint.reader import CheckpointReader
+
     return CheckpointReader(info.path, manifest, verify_on_read=verify_on_read and info.valid is not True)
 
 

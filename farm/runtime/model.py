@@ -35,21 +35,6 @@ from farm.runtime.tensor_parallel import (
 )
 
 
-def padded_vocab(model: ModelConfig, tokenizer_vocab: int) -> int:
-    """Vocabulary rows: the configured size, or the tokenizer's rounded up to vocab_multiple."""
-    if model.vocab_size is not None:
-        if model.vocab_size < tokenizer_vocab:
-            from farm.errors import ConfigError
-
-            raise ConfigError(
-                f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} "
-                "tokens; set model.vocab_size=null to take it from the data manifest"
-            )
-        return model.vocab_size
-    m = model.vocab_multiple
-    return (tokenizer_vocab + m - 1) // m * m
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group: Any) -> None:
         super().__init__()

@@ -10,8 +10,9 @@ import torch
 
 from farm.config import ModelConfig, TrainConfig
 from farm.errors import ConfigError
+from farm.model import padded_vocab
 from farm.runtime.engine import lr_at, micro_seed
-from farm.runtime.model import GPT, padded_vocab
+from farm.runtime.model import GPT
 
 pytestmark = pytest.mark.unit
 
