@@ -35,7 +35,9 @@ def test_failed_saves_in_a_row_stop_training_naming_the_last_valid_step(
     failed = [e for e in read_events(run_dir) if e["event"] == "checkpoint_failed"]
     assert [e["step"] for e in failed] == [4, 6], "one report per failed save, not one per rank"
     assert all(e["last_valid"] == 2 and "No space left on device" in e["detail"] for e in failed), failed
-    assert all(e["ranks"] in ("0", "1", "0-1") for e in failed) and any(e["ranks"] == "0-1" for e in failed)
+    # Which ranks run out of space depends on whose part is written first, so either or both may be
+    # named; that the reports of both fold into one ("0-1") is tests/unit/test_save_limits.py's.
+    assert all(e["ranks"] in ("0", "1", "0-1") for e in failed), failed
     stop = [e for e in read_events(run_dir) if e["event"] == "failure"]
     assert [e["fault"] for e in stop] == ["checkpoints_failing"]
     latest = CheckpointStore(small_disk).latest_valid()
