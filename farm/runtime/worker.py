@@ -198,7 +198,8 @@ class Worker:
         log.info("worker pid %d on %s (world %d)", os.getpid(), socket.gethostname(), spec.world_size)
         fate_share_with_raylet()
         start_heartbeat(spec.run_dir, spec.rank)
-        os.environ["DS_ACCELERATOR"] = spec.ds_accelerator
+        # Before DeepSpeed is imported (it picks its accelerator then); for the processes it starts too.
+        os.environ.update(DS_ACCELERATOR=spec.ds_accelerator, OMP_NUM_THREADS=str(spec.threads))
         try:
             import_device_module(spec.torch_module)
         except BaseException:
