@@ -35,16 +35,20 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of each (position, frequency), (seq_len, head_dim/2), computed in float64."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv)
+    """cos and sin of each (position, frequency), (seq_len, head_dim/2), computed in float64.
+
+    On the CPU always, also for a model built on the meta device (the launch's checkpoint identity),
+    where the same ops would run torch's Python references of them, which import torch._dynamo."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), inv)
     return angles.cos().float(), angles.sin().float()
 
 
 def rope_tables_f32(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same tables rounded as Llama's reference code rounds them (inverse frequencies in float32)."""
-    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angles = torch.arange(seq_len, dtype=torch.float32)[:, None] * inv[None, :]
+    """The same tables rounded as Llama's reference code rounds them (inverse frequencies in float32);
+    on the CPU, as rope_tables."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    angles = torch.arange(seq_len, dtype=torch.float32, device="cpu")[:, None] * inv[None, :]
     return angles.cos(), angles.sin()
 
 

@@ -145,7 +145,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """Each logical tensor from its own generator, then this rank's shard of it."""
+        """Each logical tensor from its own generator, then this rank's shard of it. A model on the
+        meta device (the launch's checkpoint identity) has shapes only, and nothing to draw."""
+        if any(p.is_meta for p in self.parameters()):
+            return
         specs = shard_specs(self)
         for name, p in self.named_parameters():
             std = self.init_std(name)

@@ -86,6 +86,13 @@ __all__ = [
 # -- layers ----------------------------------------------------------------------------------------
 
 
+
+def _init_normal(weight: torch.Tensor) -> None:
+    """N(0, 0.02); a weight on the meta device has no values to draw (and drawing them there goes
+    through torch's Python reference of ``normal_``, which imports torch._dynamo: 2 s)."""
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=0.02)
+
 class _Sharded(nn.Module):
     """A layer whose ``weight`` is this rank's part of a logical tensor, described by ``shard_spec``."""
 
@@ -139,7 +146,7 @@ class ColumnParallelLinear(_Sharded):
         local = self.shard_spec.local_size
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(local, device=device, dtype=dtype)) if bias else None
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
         # gather_from_tp concatenates whole shards; this permutation puts the features back in logical order.
         order = None
         if gather_output and len(sections) > 1 and self.tp_size > 1:
@@ -200,7 +207,7 @@ class RowParallelLinear(_Sharded):
         self.weight = nn.Parameter(
             torch.empty(out_features, self.shard_spec.local_size, device=device, dtype=dtype)
         )
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -239,7 +246,7 @@ class VocabParallelEmbedding(_Sharded):
         self.vocab, self.dim, self.sequence_parallel = vocab, dim, sequence_parallel
         self.vocab_start = self.shard_spec.blocks()[0][1]
         self.weight = nn.Parameter(torch.empty(self.shard_spec.local_size, dim, device=device, dtype=dtype))
-        nn.init.normal_(self.weight, std=0.02)
+        _init_normal(self.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -51,3 +51,22 @@ def test_the_lazy_names_of_the_checkpoint_package_are_its_classes() -> None:
     assert ckpt.CheckpointReader is CheckpointReader and ckpt.AsyncCheckpointWriter is AsyncCheckpointWriter
     with pytest.raises(AttributeError, match="no attribute 'Reader'"):
         ckpt.Reader  # noqa: B018
+
+
+def test_the_checkpoint_identity_is_built_without_torch_dynamo() -> None:
+    """The identity is the model built on the meta device; ops there run torch's Python references,
+    which import torch._dynamo (2 s), unless nothing is drawn or computed there."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from farm._hydra import compose_from_argv
+        from farm.launch import checkpoint_identity
+        cfg, _ = compose_from_argv(["+topology=local", "model=llama-1b"])
+        ident = checkpoint_identity(cfg, vocab=1024, tokenizer_hash="t", data_fingerprint="d")
+        print(len(ident.tensors), "torch._dynamo" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, dynamo = done.stdout.split()
+    assert int(count) > 10 and dynamo == "False"
