@@ -25,6 +25,7 @@ from farm.config import ModelConfig, TrainConfig
 from farm.data import MicroBatch
 from farm.runtime.groups import DeepSpeedMPU, ParallelContext
 from farm.runtime.model import GPT
+from farm.runtime.optim import AdamW, defer_deepspeed_compile
 from farm.runtime.pipeline import PipelineStage, run_pipeline_step
 from farm.runtime.tensor_parallel import ShardSpec, shard_specs
 
@@ -112,6 +113,7 @@ class TrainEngine:
 
         deepspeed.utils.logger.setLevel(logging.WARNING)
         _skip_inference_ops(deepspeed)
+        defer_deepspeed_compile(deepspeed)
         self.model_cfg, self.train, self.ctx = model, train, ctx
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         # With one DP rank ZeRO has nothing to partition, and its bookkeeping costs a third of a
@@ -126,7 +128,7 @@ class TrainEngine:
         self._mark_for_deepspeed(module)
         decay = [p for p in module.parameters() if p.dim() >= 2]
         no_decay = [p for p in module.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
+        optimizer = AdamW(
             [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps,
         )
