@@ -2,7 +2,9 @@
 
 The same series as the W&B history (StepMetrics.flat) as scalars, and each event as a text entry.
 A resumed attempt opens the writer with ``purge_step`` at its first step, so TensorBoard hides what a
-crashed attempt wrote after the checkpoint it resumes from, as metrics.jsonl drops those lines.
+crashed attempt wrote after the checkpoint it resumes from, as metrics.jsonl drops those lines. A
+recovery inside the same process replays steps from its checkpoint: the writer is opened again with
+``purge_step`` at the first replayed step, so each step shows once there too.
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ class TensorBoardLog:
                 "`pip install 'farm[tensorboard]'` (or tensorboard), or set tracking.tensorboard=false"
             ) from err
         self.dir = run_dir / TENSORBOARD_DIR
+        self._open = SummaryWriter
         self._writer: Any = SummaryWriter(
             log_dir=str(self.dir), purge_step=start_step + 1 if start_step else None
         )
+        self._last_step = start_step
 
     def step(self, metrics: StepMetrics) -> None:
+        if metrics.step <= self._last_step:  # a replay after an in-process recovery
+            self._writer.close()
+            self._writer = self._open(log_dir=str(self.dir), purge_step=metrics.step)
+        self._last_step = metrics.step
         for name, value in metrics.flat().items():
             self._writer.add_scalar(name, value, global_step=metrics.step)
 

@@ -3,6 +3,7 @@ finished run directory, TensorBoard files, start-up phase lines."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -233,6 +234,24 @@ def test_tensorboard_gets_the_series_and_a_resume_hides_the_replayed_steps(tmp_p
     assert {"loss", "tokens_per_s", "devices"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("loss")] == list(range(1, 9)), "steps 5-6 of the first attempt purged"
     assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 9))
+
+
+def test_tensorboard_shows_each_step_once_after_an_in_process_replay(tmp_path: Path) -> None:
+    """A recovery in the same process restores step 3 and trains 4-6 again: the replayed values are
+    the ones shown, once each."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrackingConfig(wandb=False, console=False, tensorboard=True)
+    with quiet(tmp_path, total=8, cfg=cfg) as t:
+        first = [(s, 10.0 + s) for s in range(1, 7)]
+        replayed = [(s, 20.0 + s) for s in range(4, 9)]
+        for s, loss in first + replayed:
+            t.step(dataclasses.replace(metrics(s), loss=loss))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    shown = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert [step for step, _ in shown] == list(range(1, 9)), shown
+    assert [value for step, value in shown if 4 <= step <= 6] == [24.0, 25.0, 26.0], shown
 
 
 def test_startup_phases_are_printed_even_with_the_progress_off(tmp_path: Path) -> None:
