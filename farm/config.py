@@ -52,6 +52,14 @@ class ModelConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     """Base of the rotary embedding's frequencies (Llama 3: 500,000)."""
+    rope_scaling: str = "none"
+    """'none', or 'llama3': the frequency scaling of Llama 3.1 and later (arch=llama only), set by the
+    four fields below, which a Hugging Face config.json names rope_scaling.factor and so on."""
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    """The context length the model was first trained at (original_max_position_embeddings)."""
     init_std: float = 0.02
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
@@ -409,6 +417,19 @@ def _validate_arch(m: ModelConfig) -> None:
     if m.head_dim % 2:
         raise ConfigError(f"model.d_model/model.n_heads={m.head_dim}: rotary embeddings need an even head size")
     _positive(m.rope_theta, "model.rope_theta")
+    if m.rope_scaling not in ("none", "llama3"):
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling!r}: use none or llama3")
+    if m.rope_scaling == "llama3":
+        if m.arch != "llama":
+            raise ConfigError("model.rope_scaling=llama3 scales Llama's rotary embedding: set model.arch=llama "
+                              "or model.rope_scaling=none")
+        for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+            _positive(getattr(m, name), f"model.{name}")
+        if m.rope_high_freq_factor <= m.rope_low_freq_factor:
+            raise ConfigError(
+                f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be above "
+                f"model.rope_low_freq_factor={m.rope_low_freq_factor}"
+            )
     if m.init_from is not None and not (m.init_from.startswith("hf:") and len(m.init_from) > 3):
         raise ConfigError(
             f"model.init_from={m.init_from!r}: use hf:PATH, a Hugging Face model directory, or null"
@@ -481,7 +502,10 @@ MATH_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
-LATER_FIELDS: dict[str, dict[str, Any]] = {"model": {"arch": "gpt", "rope_theta": 10000.0}}
+LATER_FIELDS: dict[str, dict[str, Any]] = {
+    "model": {"arch": "gpt", "rope_theta": 10000.0, "rope_scaling": "none", "rope_factor": 8.0,
+              "rope_low_freq_factor": 1.0, "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192},
+}
 """Math fields added after run directories existed, with the value those runs had: left out of the
 view at that value, so an older run directory keeps its identity and resumes."""
 

@@ -8,13 +8,18 @@ Both keep the rest of the block: no linear biases, GELU or SwiGLU, grouped-query
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from farm.model import ARCH_NAMES
+
+if TYPE_CHECKING:
+    from farm.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -34,22 +39,58 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each (position, frequency), (seq_len, head_dim/2), computed in float64.
 
     On the CPU always, also for a model built on the meta device (the launch's checkpoint identity),
     where the same ops would run torch's Python references of them, which import torch._dynamo."""
+    if scaling is not None:
+        raise ValueError("RoPE scaling is Llama's (model.arch=llama)")
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64, device="cpu"), inv)
     return angles.cos().float(), angles.sin().float()
 
 
-def rope_tables_f32(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same tables rounded as Llama's reference code rounds them (inverse frequencies in float32);
-    on the CPU, as rope_tables."""
+def rope_tables_f32(
+    seq_len: int, head_dim: int, base: float = 10000.0, scaling: RopeScaling | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same tables rounded as Llama's reference code rounds them (inverse frequencies in float32),
+    with Llama 3.1's frequency scaling when ``scaling`` is given; on the CPU, as rope_tables."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
+    if scaling is not None:
+        inv = scaling.apply(inv)
     angles = torch.arange(seq_len, dtype=torch.float32, device="cpu")[:, None] * inv[None, :]
     return angles.cos(), angles.sin()
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE scaling: frequencies whose wavelength is longer than the original context
+    over ``low_freq_factor`` are divided by ``factor``, those shorter than it over
+    ``high_freq_factor`` are kept, and the ones between are interpolated linearly in
+    (original context / wavelength)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_len: int
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> RopeScaling | None:
+        if cfg.rope_scaling != "llama3":
+            return None
+        return cls(cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len)
+
+    def apply(self, inv: torch.Tensor) -> torch.Tensor:
+        wavelength = 2 * math.pi / inv
+        ratio = self.original_max_len / wavelength  # how many wavelengths fit in the original context
+        long = ratio < self.low_freq_factor  # wavelength > original / low_freq_factor
+        short = ratio > self.high_freq_factor  # wavelength < original / high_freq_factor
+        blend = (ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        between = (1 - blend) * inv / self.factor + blend * inv
+        return torch.where(long, inv / self.factor, torch.where(short, inv, between))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -76,7 +117,7 @@ def interleaved_to_halves(head_dim: int) -> torch.Tensor:
     return torch.cat((torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)))
 
 
-Tables = Callable[[int, int, float], tuple[torch.Tensor, torch.Tensor]]
+Tables = Callable[[int, int, float, "RopeScaling | None"], tuple[torch.Tensor, torch.Tensor]]
 Rotate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -73,8 +73,8 @@ def llama_config(cfg: ModelConfig, *, vocab: int, ids: TokenIds) -> dict[str, An
         "rms_norm_eps": cfg.norm_eps,
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
         "rope_theta": theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_scaling": _rope_scaling(cfg),
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta, **(_rope_scaling(cfg) or {})},
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "pretraining_tp": 1,
@@ -134,6 +134,21 @@ def llama_from_hf(cfg: ModelConfig, get: Get) -> Tensors:
     return out
 
 
+_SCALING_FIELDS = {
+    "factor": "rope_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_len",
+}
+"""Hugging Face's names of Llama 3.1's RoPE scaling fields -> ModelConfig's."""
+
+
+def _rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
+    if cfg.rope_scaling != "llama3":
+        return None
+    return {"rope_type": "llama3", **{key: getattr(cfg, field) for key, field in _SCALING_FIELDS.items()}}
+
+
 def llama_problems(cfg: ModelConfig, *, vocab: int, hf: Mapping[str, Any]) -> list[str]:
     """Each way an HF config.json differs from this model, as 'field: theirs vs ours; what to set'."""
     if hf.get("model_type") != "llama":
@@ -164,8 +179,17 @@ def llama_problems(cfg: ModelConfig, *, vocab: int, hf: Mapping[str, Any]) -> li
         out.append(
             f"rope_theta={theta!r} but model.rope_theta={cfg.rope_theta!r}; set model.rope_theta={theta!r}"
         )
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        out.append(f"rope type {rope.get('rope_type', rope.get('type'))!r}: farm runs plain RoPE only")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        out.append(f"rope type {kind!r}: farm runs plain RoPE and Llama 3.1's scaling (llama3) only")
+    elif (kind == "llama3") != (cfg.rope_scaling == "llama3"):
+        out.append(f"rope type {kind!r} but model.rope_scaling={cfg.rope_scaling!r}; set model.rope_scaling="
+                   f"{'llama3' if kind == 'llama3' else 'none'}")
+    elif kind == "llama3":
+        for key, field in _SCALING_FIELDS.items():
+            if float(rope.get(key, float("nan"))) != float(getattr(cfg, field)):
+                out.append(f"rope_scaling.{key}={rope.get(key)!r} but model.{field}={getattr(cfg, field)!r}; "
+                           f"set model.{field}={rope.get(key)!r}")
     if hf.get("head_dim") not in (None, cfg.head_dim):
         out.append(f"head_dim={hf['head_dim']} is not hidden_size/num_attention_heads={cfg.head_dim}")
     for flag in ("attention_bias", "mlp_bias"):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from farm.config import ModelConfig
-from farm.model.arch import get_arch
+from farm.model.arch import RopeScaling, get_arch
 from farm.runtime.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -130,7 +130,7 @@ class GPT(nn.Module):
         self.norm = arch.norm(cfg.d_model, cfg.norm_eps) if last else None
         self.head = (ColumnParallelLinear(cfg.d_model, vocab_size, group=tp_group)
                      if last and not cfg.tie_embeddings else None)
-        cos, sin = arch.rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+        cos, sin = arch.rope_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, RopeScaling.of(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(init_seed)

@@ -62,6 +62,10 @@ def test_int_accepted_for_float_and_auto_for_degrees() -> None:
         ({"model": {"arch": "mamba"}}, "model.arch='mamba': use one of gpt, llama"),
         ({"model": {"arch": "llama"}}, "model.arch=llama has a SwiGLU MLP: set model.mlp=swiglu"),
         ({"model": {"rope_theta": 0.0}}, "model.rope_theta: must be positive"),
+        ({"model": {"rope_scaling": "yarn"}}, "model.rope_scaling='yarn': use none or llama3"),
+        ({"model": {"rope_scaling": "llama3"}}, "model.rope_scaling=llama3 scales Llama's rotary embedding"),
+        ({"model": {"arch": "llama", "mlp": "swiglu", "rope_scaling": "llama3", "rope_high_freq_factor": 1.0}},
+         "model.rope_high_freq_factor=1.0 must be above model.rope_low_freq_factor=1.0"),
         ({"model": {"init_from": "/models/x"}}, "model.init_from='/models/x': use hf:PATH"),
     ],
 )

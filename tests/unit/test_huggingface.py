@@ -42,6 +42,13 @@ LLAMA = ModelConfig(
     rope_theta=500000.0,
     vocab_size=VOCAB,
 )
+LLAMA_SCALED = dataclasses.replace(
+    LLAMA, rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+    rope_original_max_len=256,
+)
+"""Llama 3.1's RoPE scaling, its original context chosen so that the 8 frequencies of a 16-wide head
+fall in all three of its bands: wavelengths 6 and 33 are kept, 172 is interpolated, 903 and longer
+are divided by the factor."""
 GPT_VARIANT = ModelConfig(
     name="gpt-test", n_layers=2, d_model=64, n_heads=4, d_ff=256, seq_len=32, vocab_size=VOCAB
 )
@@ -116,6 +123,7 @@ def _max_diff(model: GPT, hf_dir: Path, tokens: torch.Tensor) -> float:
     ("cfg", "hf_class"),
     [
         (LLAMA, "LlamaForCausalLM"),
+        (LLAMA_SCALED, "LlamaForCausalLM"),
         (GPT_VARIANT, "GPTNeoXForCausalLM"),
         (dataclasses.replace(GPT_VARIANT, n_kv_heads=2, tie_embeddings=False), "GPTNeoXForCausalLM"),
     ],
@@ -204,10 +212,49 @@ def test_init_from_refuses_a_model_of_another_shape_naming_each_field(
             vocab=VOCAB,
             tokenizer_sha256="0" * 64,
         )
+    with pytest.raises(ConfigError) as err:  # Llama 3.1's RoPE scaling is read, not refused: it must match
+        check_init_from(dataclasses.replace(LLAMA, init_from=f"hf:{tmp_path / 'hf'}", rope_scaling="llama3"),
+                        vocab=VOCAB)
+    assert "rope type 'default' but model.rope_scaling='llama3'; set model.rope_scaling=none" in str(err.value)
+    export_hf(_scaled_run(tmp_path, tokenizer_file), tmp_path / "hf-scaled")
+    other = dataclasses.replace(LLAMA_SCALED, rope_factor=32.0, init_from=f"hf:{tmp_path / 'hf-scaled'}")
+    with pytest.raises(ConfigError) as err:
+        check_init_from(other, vocab=VOCAB)
+    assert "rope_scaling.factor=8.0 but model.rope_factor=32.0; set model.rope_factor=8.0" in str(err.value)
+    check_init_from(dataclasses.replace(other, rope_factor=8.0), vocab=VOCAB)  # the same: accepted
     with pytest.raises(ConfigError, match=r"only model\.arch=llama"):
         check_init_from(dataclasses.replace(GPT_VARIANT, init_from=f"hf:{tmp_path / 'hf'}"), vocab=VOCAB)
     with pytest.raises(ConfigError, match=r"config\.json"):
         check_init_from(dataclasses.replace(LLAMA, init_from=f"hf:{tmp_path / 'nowhere'}"), vocab=VOCAB)
+
+
+def _scaled_run(tmp_path: Path, tokenizer_file: Path) -> Path:
+    write_checkpoint(tmp_path / "scaled", _model(LLAMA_SCALED), tokenizer_file)
+    return tmp_path / "scaled"
+
+
+def test_llama3_rope_scaling_changes_the_model_as_transformers_does(tokenizer_file: Path) -> None:
+    """Against transformers' own llama3 frequencies, and the logits differ from the unscaled model's."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from farm.model.arch import RopeScaling
+
+    head = LLAMA.d_model // LLAMA.n_heads
+    inv = 1.0 / (LLAMA.rope_theta ** (torch.arange(0, head, 2, dtype=torch.int64).float() / head))
+    ours = RopeScaling.of(LLAMA_SCALED).apply(inv)  # type: ignore[union-attr]
+    config = LlamaConfig(hidden_size=LLAMA.d_model, num_attention_heads=LLAMA.n_heads, head_dim=head,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": LLAMA.rope_theta, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 256})
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    assert torch.equal(ours, theirs)
+    assert (ours == inv).sum() == 2 and (ours == inv / 8).sum() == 5  # one frequency in between
+    # Slow frequencies turn little over 32 positions, so the logits move little, but far more than
+    # the export test's tolerance: a model that ignored the scaling would fail it.
+    tokens = _tokens(tokenizer_file, LLAMA.seq_len)
+    with torch.no_grad():
+        assert float((_model(LLAMA)(tokens) - _model(LLAMA_SCALED)(tokens)).abs().max()) > 10 * TOL
 
 
 def test_export_refuses_what_it_cannot_write(tokenizer_file: Path, tmp_path: Path) -> None:
