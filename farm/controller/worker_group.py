@@ -113,7 +113,6 @@ class WorkerGroup:
     def __init__(self, *, farm: Farm, plan: Plan, run_dir: str, startup_timeout_s: float) -> None:
         import ray
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.plan, self.run_dir = plan, run_dir
         nodes = list(dict.fromkeys(r.node for r in plan.ranks))
@@ -129,23 +128,53 @@ class WorkerGroup:
             for n in nodes
         ]
         strategy = "PACK" if farm.emulate == "cpu" else "STRICT_SPREAD"
-        _check_resources(farm, nodes, bundles, spread=strategy == "STRICT_SPREAD")
+        _check_resources(farm, plan, nodes, bundles, spread=strategy == "STRICT_SPREAD")
         global _groups_started
         self.namespace = f"farm-{os.getpid()}-a{_groups_started}"
         _groups_started += 1
         self.pg = placement_group(bundles, strategy=strategy, name=self.namespace)
-        ready, _ = ray.wait([self.pg.ready()], timeout=startup_timeout_s)
-        if not ready:
-            ray.util.remove_placement_group(self.pg)
-            raise StartupTimedOut(
-                f"the farm's devices were not available within run.startup_timeout_s={startup_timeout_s}: "
-                f"Ray could not place {bundles} (cluster resources: {ray.cluster_resources()}). Check that "
-                "the cluster has the nodes the topology describes"
-            )
+        deadline = time.monotonic() + startup_timeout_s
+        while not ray.wait([self.pg.ready()], timeout=min(1.0, max(0.0, deadline - time.monotonic())))[0]:
+            # A node that leaves while the group waits for it (a second loss during a recovery)
+            # can never hold its bundle: say so now rather than at the start-up timeout.
+            missing = unplaceable(bundles, ray.nodes(), spread=strategy == "STRICT_SPREAD")
+            if missing or time.monotonic() >= deadline:
+                ray.util.remove_placement_group(self.pg)
+            if missing:
+                gone = nodes[missing[0]]
+                first = min(r.rank for r in plan.ranks if r.node == gone)
+                raise StartupFailed(
+                    f"starting workers: node {gone} left the cluster before its workers could start",
+                    WorkerFault(rank=first, node=gone, kind="node_lost", detail="its node was lost before its "
+                                "workers started"),
+                )
+            if time.monotonic() >= deadline:
+                raise StartupTimedOut(
+                    f"the farm's devices were not available within run.startup_timeout_s={startup_timeout_s}: "
+                    f"Ray could not place {bundles} (cluster resources: {ray.cluster_resources()}). Check that "
+                    "the cluster has the nodes the topology describes"
+                )
+        # Which Ray node holds each farm node's bundle: a start-up call watches these, because an
+        # actor whose bundle's node died waits for it to be placed again and never fails.
+        placed = ray.util.placement_group_table(self.pg).get("bundles_to_node_id", {})
+        self._bundle_nodes = {nodes[int(i)]: node_id for i, node_id in placed.items()}
+        self.actors: list[Any] = []
+        try:
+            self._start_actors(farm, plan, run_dir, specs, nodes, startup_timeout_s)
+        except BaseException:
+            # A group that fails to start (a node lost meanwhile, a timeout) frees its devices at
+            # once: the recovery's next attempt must be able to place its own group on them.
+            self._release()
+            raise
+
+    def _start_actors(self, farm: Farm, plan: Plan, run_dir: str, specs: dict[str, AcceleratorSpec],
+                      nodes: list[str], startup_timeout_s: float) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         world = plan.world_size
         threads = max(1, (os.cpu_count() or 1) // world) if farm.emulate == "cpu" else 4
         actor_cls = ray.remote(max_restarts=0, max_task_retries=0)(Worker)
-        self.actors: list[Any] = []
         for r in sorted(plan.ranks, key=lambda r: r.rank):
             spec = specs[r.node]
             wspec = WorkerSpec(
@@ -197,7 +226,15 @@ class WorkerGroup:
         pending = list(refs)
         deadline = time.monotonic() + timeout
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            left = max(0.0, deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0) if startup else left)
+            if not ready and startup and left > 1.0:
+                gone = self._lost_node()
+                if gone is None:
+                    continue
+                first = min(r for r, n in self.node_of.items() if n == gone)
+                fault = WorkerFault(rank=first, node=gone, kind="node_lost", detail="its node was lost while starting")
+                raise self._error(StartupFailed, f"{what}: node {gone} was lost while its workers started", fault)
             if not ready:
                 late = sorted(refs[p] for p in pending)
                 frozen = self._frozen(late)
@@ -256,6 +293,16 @@ class WorkerGroup:
             except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
                 continue
         return [results[r] for r in sorted(results)]
+
+    def _lost_node(self) -> str | None:
+        """A farm node of this group whose Ray node is no longer alive, or None."""
+        import ray
+
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        for node, node_id in getattr(self, "_bundle_nodes", {}).items():
+            if node_id not in alive:
+                return node
+        return None
 
     def _frozen(self, ranks: list[int], stale_s: float = 3.0) -> list[int]:
         """Those of ``ranks`` whose heartbeat stopped: the process is stopped or frozen, not waiting.
@@ -329,19 +376,28 @@ class WorkerGroup:
         return cls(message)
 
     def shutdown(self, *, graceful: bool) -> None:
-        import ray
 
         if graceful:
             with contextlib.suppress(FarmError):
                 self.call("shutdown", timeout=120, what="shutting down")
+        self._release()
+
+    def _release(self) -> None:
+        """Kill the actors and remove the placement group (also of a node that is gone)."""
+        import ray
+
         for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+            with contextlib.suppress(Exception):  # an actor already dead with its node
+                ray.kill(actor, no_restart=True)
         ray.util.remove_placement_group(self.pg)
 
 
-def _check_resources(farm: Farm, nodes: list[str], bundles: list[dict[str, float]], *, spread: bool) -> None:
+def _check_resources(
+    farm: Farm, plan: Plan, nodes: list[str], bundles: list[dict[str, float]], *, spread: bool
+) -> None:
     """Fail at once, with the `ray start` that would fix it, when the cluster can never place the
-    group, instead of waiting out run.startup_timeout_s."""
+    group, instead of waiting out run.startup_timeout_s. The error names the first missing node as
+    lost, so a recovery that loses another node before its group starts decides again."""
     import ray
 
     missing = unplaceable(bundles, ray.nodes(), spread=spread)
@@ -354,11 +410,15 @@ def _check_resources(farm: Farm, nodes: list[str], bundles: list[dict[str, float
         node = by_id[nodes[index]]
         wanted = farm.node_resources(node) if farm.emulate == "cpu" else dict(bundles[index])
         commands.append(f"  node {node.id}: {ray_start_command(wanted, address=address)}")
+    gone = nodes[missing[0]]
+    fault = WorkerFault(rank=min(r.rank for r in plan.ranks if r.node == gone), node=gone, kind="node_lost",
+                        detail="the cluster has no node for it")
     raise StartupFailed(
         f"the Ray cluster at {address} has no node for {len(missing)} of the topology's {len(bundles)} "
         f"node(s) ({farm.name!r} asks for {[bundles[i] for i in missing]}; the cluster has "
         f"{ray.cluster_resources()}). Add them, one `ray start` per node, on the machines that hold the "
-        "devices:\n" + "\n".join(commands)
+        "devices:\n" + "\n".join(commands),
+        fault,
     )
 
 

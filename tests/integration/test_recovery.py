@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from farm._hydra import compose_from_argv
+from farm.checkpoint import CheckpointStore
 from farm.data.ledger import positions_by_step
 from farm.launch import train
 from farm.tracking import read_events, read_metrics
@@ -192,3 +193,58 @@ def test_losing_a_tensor_or_pipeline_peer_replans_and_carries_on(tiny_data: Path
     for step, positions in got.items():
         assert positions == list(range((step - 1) * G, step * G)), f"step {step} trained other positions"
     assert victim not in [e for e in events if e["event"] == "workers"][-1]["nodes"]
+
+
+def wait_for_event(run_dir: Path, proc: subprocess.Popen[str], kind: str, count: int = 1) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + 300
+    while True:
+        events = [e for e in read_events(run_dir) if e["event"] == kind] if (run_dir / "events.jsonl").exists() else []
+        if len(events) >= count:
+            return events[count - 1]
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {kind} event"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_second_node_lost_during_the_recovery_leads_to_a_new_decision(tiny_data: Path, tmp_path: Path) -> None:
+    """node-1 dies at step 6; while the recovery starts the dp4 group, node-2 dies too. The second
+    fault gets a decision of its own and the run ends on node-0 alone, every step once."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir, tiny_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_step(run_dir, proc, 6)
+        node2 = raylet_of(run_dir, "node-2")  # before the group is rebuilt: the pid of node-2's raylet
+        os.kill(raylet_of(run_dir, "node-1"), signal.SIGKILL)
+        wait_for_event(run_dir, proc, "replan")  # the recovery has begun: dp4 on node-0 and node-2
+        os.kill(node2, signal.SIGKILL)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    events = read_events(run_dir)
+    decisions = [e for e in events if e["event"] == "decision"]
+    assert [d["decision"] for d in decisions] == ["shrink", "shrink"], decisions
+    assert "node-1" in decisions[0]["reason"] and "node-2" in decisions[1]["reason"], decisions
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), "every step logged once, in order"
+    assert rows[-1]["layout"] == {"dp": 2, "tp": 1, "pp": 1}
+    assert [e["nodes"] for e in events if e["event"] == "workers"][-1] == ["node-0", "node-0"]
+    for step, positions in positions_by_step(run_dir).items():
+        assert positions == list(range((step - 1) * G, step * G)), f"step {step} trained other positions"
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_fewer_devices_than_run_min_devices_stops_naming_the_newest_checkpoint(tiny_data: Path,
+                                                                                tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    done = kill_raylet_and_finish(run_dir, tiny_data, "node-1", "run.min_devices=6")
+    assert done.returncode == 4, done.stderr[-3000:]
+    newest = CheckpointStore(run_dir / "checkpoints").latest_valid()
+    assert newest is not None and newest.step == 4
+    assert "fewer than run.min_devices=6" in done.stderr, done.stderr[-3000:]
+    assert "re-run the same command to resume from checkpoint step 4" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, len(read_metrics(run_dir)) + 1))
