@@ -170,7 +170,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     from farm.checkpoint.hf import export_hf
 
-    done = export_hf(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer)
+    done = export_hf(args.run_dir, args.out_dir, step=args.step, tokenizer=args.tokenizer,
+                     max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(
         f"step {done.step} written to {done.out_dir} as {done.hf_class}: {done.tensors} tensors, "
         f"{done.params:,} parameters; load it with transformers' AutoModelForCausalLM.from_pretrained"
@@ -202,6 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="the run's tokenizer.json, when it is not where the run recorded it",
+    )
+    export.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="the largest safetensors file (GB, 2**30 bytes; default 5, as save_pretrained); a model "
+        "larger than that is written in shards with model.safetensors.index.json",
     )
     args = parser.parse_args(argv)
     try:

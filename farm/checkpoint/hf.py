@@ -10,8 +10,10 @@ The tensor maps are farm/model/hf.py; docs/huggingface.md is the user's guide.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -161,12 +163,22 @@ def _tokenizer_config(eos: str, seq_len: int) -> dict[str, Any]:
     }
 
 
-def export_hf(
-    path: Path, out_dir: Path, *, step: int | None = None, tokenizer: Path | None = None
-) -> Exported:
-    """Write the checkpoint at ``path`` (run dir, checkpoints root or step dir) as an HF model directory."""
-    from safetensors.torch import save_file
+DEFAULT_SHARD_BYTES = 5 * 2**30
+"""Hugging Face's own default shard size (5 GB, as ``save_pretrained`` writes)."""
 
+
+def export_hf(
+    path: Path, out_dir: Path, *, step: int | None = None, tokenizer: Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Exported:
+    """Write the checkpoint at ``path`` (run dir, checkpoints root or step dir) as an HF model directory.
+
+    Tensors are converted and written one shard at a time (``model-0000i-of-0000N.safetensors`` and
+    ``model.safetensors.index.json``, as ``save_pretrained`` names them; one ``model.safetensors``
+    when the model fits in one shard), so the export holds about a shard in memory, not the model.
+    """
+    if max_shard_bytes <= 0:
+        raise ConfigError(f"max shard size {max_shard_bytes}: must be positive")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise CheckpointError(f"{out_dir} is not empty; export into a new or empty directory")
     with open_checkpoint(_step_dir(path, step), verify=True) as reader:
@@ -180,18 +192,68 @@ def export_hf(
         def get(name: str) -> torch.Tensor:
             return reader.read(f"model/{name}")
 
-        tensors = hf.to_hf(cfg, get)
         config = hf.config(cfg, vocab=vocab, ids=ids)
+        tensors = hf.to_hf(cfg, get)
+        first = next(tensors)  # a model the mapping cannot export is refused before anything is written
+        made = not out_dir.exists()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            count, params = _write_shards(out_dir, itertools.chain([first], tensors), max_shard_bytes)
+        except BaseException:
+            for written in out_dir.iterdir():  # the directory was empty: only this export's files
+                written.unlink()
+            if made:
+                out_dir.rmdir()
+            raise
         done_step = reader.step
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     shutil.copyfile(tok_file, out_dir / "tokenizer.json")
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(_tokenizer_config(eos, cfg.seq_len), indent=2) + "\n"
     )
-    params = sum(t.numel() for t in tensors.values())
-    return Exported(done_step, out_dir, hf.hf_class, len(tensors), params)
+    return Exported(done_step, out_dir, hf.hf_class, count, params)
+
+
+def _write_shards(
+    out_dir: Path, tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int
+) -> tuple[int, int]:
+    """Write ``tensors`` in shards of at most ``max_bytes`` (a bigger tensor gets one of its own);
+    returns the tensor and parameter counts."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, str]] = []  # per shard: tensor name -> its temporary file
+    current: dict[str, torch.Tensor] = {}
+    size = count = params = total = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f".shard-{len(shards):05d}.tmp"
+            save_file(current, str(out_dir / name), metadata={"format": "pt"})
+            shards.append(dict.fromkeys(current, name))
+            current, size = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_bytes:
+            flush()
+        current[name] = tensor
+        size += nbytes
+        total += nbytes
+        count += 1
+        params += tensor.numel()
+    flush()
+    if len(shards) == 1:
+        (out_dir / next(iter(shards[0].values()))).rename(out_dir / "model.safetensors")
+        return count, params
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (out_dir / next(iter(shard.values()))).rename(out_dir / final)
+        weight_map |= dict.fromkeys(shard, final)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return count, params
 
 
 # -- model.init_from=hf:PATH ---------------------------------------------------------------------

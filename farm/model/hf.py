@@ -14,7 +14,7 @@ Pure functions of tensors and configs: farm/checkpoint/hf.py does the files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,12 +118,14 @@ def _fused_sizes(cfg: ModelConfig, name: str) -> tuple[int, ...]:
     return cfg.d_ff, cfg.d_ff
 
 
-def llama_tensors(cfg: ModelConfig, get: Get) -> Tensors:
+def llama_tensors(cfg: ModelConfig, get: Get) -> Iterator[tuple[str, torch.Tensor]]:
+    """LlamaForCausalLM's tensors, one farm tensor read at a time (an export holds about a shard)."""
     one, fused = _llama_names(cfg)
-    out = {hf: get(farm) for farm, hf in one.items()}
+    for farm, hf in one.items():
+        yield hf, get(farm).contiguous()
     for farm, names in fused.items():
-        out |= dict(zip(names, get(farm).split(_fused_sizes(cfg, farm), dim=0)))
-    return {name: t.contiguous() for name, t in out.items()}
+        for name, part in zip(names, get(farm).split(_fused_sizes(cfg, farm), dim=0)):
+            yield name, part.contiguous()
 
 
 def llama_from_hf(cfg: ModelConfig, get: Get) -> Tensors:
@@ -219,7 +221,8 @@ def neox_config(cfg: ModelConfig, *, vocab: int, ids: TokenIds) -> dict[str, Any
     }
 
 
-def neox_tensors(cfg: ModelConfig, get: Get) -> Tensors:
+def neox_tensors(cfg: ModelConfig, get: Get) -> Iterator[tuple[str, torch.Tensor]]:
+    """GPTNeoXForCausalLM's tensors, a layer at a time."""
     if cfg.mlp != "gelu":
         raise ConfigError(
             f"model.arch=gpt with model.mlp={cfg.mlp!r} has no Hugging Face class to export to "
@@ -228,13 +231,13 @@ def neox_tensors(cfg: ModelConfig, get: Get) -> Tensors:
     h, hd, d = cfg.n_heads, cfg.head_dim, cfg.d_model
     perm, rep = interleaved_to_halves(hd), cfg.n_heads // cfg.kv_heads
     embed = get("embed.weight")
-    out = {
-        "gpt_neox.embed_in.weight": embed,
-        "embed_out.weight": embed.clone() if cfg.tie_embeddings else get("head.weight"),
-        "gpt_neox.final_layer_norm.weight": get("norm.weight"),
-        "gpt_neox.final_layer_norm.bias": get("norm.bias"),
-    }
+    yield "gpt_neox.embed_in.weight", embed.contiguous()
+    yield "embed_out.weight", (embed.clone() if cfg.tie_embeddings else get("head.weight")).contiguous()
+    del embed
+    yield "gpt_neox.final_layer_norm.weight", get("norm.weight").contiguous()
+    yield "gpt_neox.final_layer_norm.bias", get("norm.bias").contiguous()
     for i in range(cfg.n_layers):
+        out: Tensors = {}
         src, dst = f"blocks.{i}.", f"gpt_neox.layers.{i}."
         q, k, v = (
             t.view(-1, hd, d) for t in get(src + "attn.qkv.weight").split(_fused_sizes(cfg, "qkv.weight"))
@@ -253,7 +256,8 @@ def neox_tensors(cfg: ModelConfig, get: Get) -> Tensors:
             dst + "mlp.dense_4h_to_h.weight": get(src + "mlp.down.weight"),
             dst + "mlp.dense_4h_to_h.bias": torch.zeros(d),
         }
-    return {name: t.contiguous() for name, t in out.items()}
+        for name, t in out.items():
+            yield name, t.contiguous()
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,7 @@ class HFMapping:
 
     hf_class: str
     config: Callable[..., dict[str, Any]]
-    to_hf: Callable[[ModelConfig, Get], Tensors]
+    to_hf: Callable[[ModelConfig, Get], Iterator[tuple[str, torch.Tensor]]]
     from_hf: Callable[[ModelConfig, Get], Tensors] | None = None
     problems: Callable[..., list[str]] | None = None
     """Differences between an HF config.json and the model; with from_hf, what init_from checks."""

@@ -197,6 +197,43 @@ def test_init_from_reads_an_export_back_into_the_same_model(tokenizer_file: Path
         assert torch.equal(fresh(tokens), model(tokens))
 
 
+@pytest.mark.parametrize("cfg", [LLAMA, GPT_VARIANT])
+def test_a_sharded_export_loads_in_transformers_and_back_through_init_from(
+    cfg: ModelConfig, tokenizer_file: Path, tmp_path: Path
+) -> None:
+    """Shards of at most 100 kB (the model is about 0.4 MB): files and index as save_pretrained
+    writes them, the same logits in transformers, and init_from reads the shards back."""
+    model = _model(cfg)
+    write_checkpoint(tmp_path / "run", model, tokenizer_file)
+    done = export_hf(tmp_path / "run", tmp_path / "hf", max_shard_bytes=100_000)
+    files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    n = len(files)
+    assert n >= 4 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)], files
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(files) and len(index["weight_map"]) == done.tensors
+    sizes = {f: (tmp_path / "hf" / f).stat().st_size for f in files}
+    assert index["metadata"]["total_size"] == 4 * done.params <= sum(sizes.values())
+    assert not list((tmp_path / "hf").glob(".shard-*")), "no temporary file is left"
+    tokens = _tokens(tokenizer_file, cfg.seq_len)
+    assert _max_diff(model, tmp_path / "hf", tokens) < TOL
+    if cfg.arch == "llama":
+        back = dataclasses.replace(cfg, init_from=f"hf:{tmp_path / 'hf'}")
+        check_init_from(back, vocab=VOCAB)
+        fresh = GPT(back, vocab_size=VOCAB, init_seed=99).eval()
+        with HFWeights(back) as weights:
+            load_full_state_(fresh, {name: weights.read(f"model/{name}") for name, _ in fresh.named_parameters()})
+        with torch.no_grad():
+            assert torch.equal(fresh(tokens), model(tokens))
+
+
+def test_an_export_that_cannot_be_written_leaves_the_directory_as_it_was(tokenizer_file: Path,
+                                                                        tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "run", _model(dataclasses.replace(GPT_VARIANT, mlp="swiglu")), tokenizer_file)
+    with pytest.raises(ConfigError, match="no Hugging Face class"):
+        export_hf(tmp_path / "run", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_init_from_refuses_a_model_of_another_shape_naming_each_field(
     tokenizer_file: Path, tmp_path: Path
 ) -> None:
