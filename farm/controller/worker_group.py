@@ -128,7 +128,7 @@ class WorkerGroup:
             for n in nodes
         ]
         strategy = "PACK" if farm.emulate == "cpu" else "STRICT_SPREAD"
-        _check_resources(farm, plan, nodes, bundles, spread=strategy == "STRICT_SPREAD")
+        _check_resources(farm, self.node_of, nodes, bundles, spread=strategy == "STRICT_SPREAD")
         global _groups_started
         self.namespace = f"farm-{os.getpid()}-a{_groups_started}"
         _groups_started += 1
@@ -138,17 +138,15 @@ class WorkerGroup:
             # A node that leaves while the group waits for it (a second loss during a recovery)
             # can never hold its bundle: say so now rather than at the start-up timeout.
             missing = unplaceable(bundles, ray.nodes(), spread=strategy == "STRICT_SPREAD")
-            if missing or time.monotonic() >= deadline:
-                ray.util.remove_placement_group(self.pg)
             if missing:
+                ray.util.remove_placement_group(self.pg)
                 gone = nodes[missing[0]]
-                first = min(r.rank for r in plan.ranks if r.node == gone)
                 raise StartupFailed(
                     f"starting workers: node {gone} left the cluster before its workers could start",
-                    WorkerFault(rank=first, node=gone, kind="node_lost", detail="its node was lost before its "
-                                "workers started"),
+                    _node_lost(self.node_of, gone, "its node was lost before its workers started"),
                 )
             if time.monotonic() >= deadline:
+                ray.util.remove_placement_group(self.pg)
                 raise StartupTimedOut(
                     f"the farm's devices were not available within run.startup_timeout_s={startup_timeout_s}: "
                     f"Ray could not place {bundles} (cluster resources: {ray.cluster_resources()}). Check that "
@@ -232,9 +230,8 @@ class WorkerGroup:
                 gone = self._lost_node()
                 if gone is None:
                     continue
-                first = min(r for r, n in self.node_of.items() if n == gone)
-                fault = WorkerFault(rank=first, node=gone, kind="node_lost", detail="its node was lost while starting")
-                raise self._error(StartupFailed, f"{what}: node {gone} was lost while its workers started", fault)
+                raise StartupFailed(f"{what}: node {gone} was lost while its workers started",
+                                    _node_lost(self.node_of, gone, "its node was lost while starting"))
             if not ready:
                 late = sorted(refs[p] for p in pending)
                 frozen = self._frozen(late)
@@ -299,7 +296,7 @@ class WorkerGroup:
         import ray
 
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        for node, node_id in getattr(self, "_bundle_nodes", {}).items():
+        for node, node_id in self._bundle_nodes.items():
             if node_id not in alive:
                 return node
         return None
@@ -376,7 +373,6 @@ class WorkerGroup:
         return cls(message)
 
     def shutdown(self, *, graceful: bool) -> None:
-
         if graceful:
             with contextlib.suppress(FarmError):
                 self.call("shutdown", timeout=120, what="shutting down")
@@ -392,8 +388,14 @@ class WorkerGroup:
         ray.util.remove_placement_group(self.pg)
 
 
+def _node_lost(node_of: dict[int, str], node: str, detail: str) -> WorkerFault:
+    """The fault of a node lost while its group starts, blamed on its first rank."""
+    return WorkerFault(rank=min(r for r, n in node_of.items() if n == node), node=node, kind="node_lost",
+                       detail=detail)
+
+
 def _check_resources(
-    farm: Farm, plan: Plan, nodes: list[str], bundles: list[dict[str, float]], *, spread: bool
+    farm: Farm, node_of: dict[int, str], nodes: list[str], bundles: list[dict[str, float]], *, spread: bool
 ) -> None:
     """Fail at once, with the `ray start` that would fix it, when the cluster can never place the
     group, instead of waiting out run.startup_timeout_s. The error names the first missing node as
@@ -410,15 +412,12 @@ def _check_resources(
         node = by_id[nodes[index]]
         wanted = farm.node_resources(node) if farm.emulate == "cpu" else dict(bundles[index])
         commands.append(f"  node {node.id}: {ray_start_command(wanted, address=address)}")
-    gone = nodes[missing[0]]
-    fault = WorkerFault(rank=min(r.rank for r in plan.ranks if r.node == gone), node=gone, kind="node_lost",
-                        detail="the cluster has no node for it")
     raise StartupFailed(
         f"the Ray cluster at {address} has no node for {len(missing)} of the topology's {len(bundles)} "
         f"node(s) ({farm.name!r} asks for {[bundles[i] for i in missing]}; the cluster has "
         f"{ray.cluster_resources()}). Add them, one `ray start` per node, on the machines that hold the "
         "devices:\n" + "\n".join(commands),
-        fault,
+        _node_lost(node_of, nodes[missing[0]], "the cluster has no node for it"),
     )
 
 

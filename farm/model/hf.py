@@ -64,7 +64,7 @@ def _shared_config(
 
 
 def llama_config(cfg: ModelConfig, *, vocab: int, ids: TokenIds) -> dict[str, Any]:
-    theta = float(cfg.rope_theta)
+    theta, scaling = float(cfg.rope_theta), _rope_scaling(cfg)
     return {
         **_shared_config(cfg, vocab=vocab, ids=ids, hf_class="LlamaForCausalLM", model_type="llama"),
         "num_key_value_heads": cfg.kv_heads,
@@ -73,8 +73,8 @@ def llama_config(cfg: ModelConfig, *, vocab: int, ids: TokenIds) -> dict[str, An
         "rms_norm_eps": cfg.norm_eps,
         # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
         "rope_theta": theta,
-        "rope_scaling": _rope_scaling(cfg),
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta, **(_rope_scaling(cfg) or {})},
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta, **(scaling or {})},
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "pretraining_tp": 1,

@@ -8,6 +8,7 @@ cluster's start-up; every run still starts its own workers and tears them down.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +83,12 @@ def raylet_of(run_dir: Path, node: str) -> int:
     parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     assert "raylet" in Path(f"/proc/{parent}/cmdline").read_text()
     return parent
+
+
+def wait_until(proc: subprocess.Popen[str], predicate, what: str, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` while the run ``proc`` goes on; fail with its stderr if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended while waiting for {what}: {proc.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

@@ -28,7 +28,7 @@ from farm.checkpoint import CheckpointStore
 from farm.data.ledger import positions_by_step
 from farm.launch import train
 from farm.tracking import read_events, read_metrics
-from tests.integration.conftest import raylet_of
+from tests.integration.conftest import raylet_of, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -195,17 +195,6 @@ def test_losing_a_tensor_or_pipeline_peer_replans_and_carries_on(tiny_data: Path
     assert victim not in [e for e in events if e["event"] == "workers"][-1]["nodes"]
 
 
-def wait_for_event(run_dir: Path, proc: subprocess.Popen[str], kind: str, count: int = 1) -> dict:  # type: ignore[type-arg]
-    deadline = time.monotonic() + 300
-    while True:
-        events = [e for e in read_events(run_dir) if e["event"] == kind] if (run_dir / "events.jsonl").exists() else []
-        if len(events) >= count:
-            return events[count - 1]
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"no {kind} event"
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 def test_a_second_node_lost_during_the_recovery_leads_to_a_new_decision(tiny_data: Path, tmp_path: Path) -> None:
     """node-1 dies at step 6; while the recovery starts the dp4 group, node-2 dies too. The second
@@ -216,7 +205,8 @@ def test_a_second_node_lost_during_the_recovery_leads_to_a_new_decision(tiny_dat
         wait_for_step(run_dir, proc, 6)
         node2 = raylet_of(run_dir, "node-2")  # before the group is rebuilt: the pid of node-2's raylet
         os.kill(raylet_of(run_dir, "node-1"), signal.SIGKILL)
-        wait_for_event(run_dir, proc, "replan")  # the recovery has begun: dp4 on node-0 and node-2
+        # The recovery has begun: dp4 on node-0 and node-2.
+        wait_until(proc, lambda: any(e["event"] == "replan" for e in read_events(run_dir)), "the re-plan")
         os.kill(node2, signal.SIGKILL)
         _, err = proc.communicate(timeout=600)
     finally:

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from farm.controller.cluster import EMULATED_HEALTH_CHECK, _loopback_only
 from farm.data.ledger import positions_by_step
 from farm.topology import load_farm
 from farm.tracking import read_events, read_metrics
-from tests.integration.conftest import raylet_of
+from tests.integration.conftest import raylet_of, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -53,14 +52,6 @@ def user_cluster() -> Iterator[tuple[object, dict[str, dict[str, float]]]]:
         yield cluster, resources
     finally:
         cluster.shutdown()
-
-
-def wait_until(proc: subprocess.Popen[str], predicate, what: str, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"the run ended while waiting for {what}: {proc.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_a_repaired_node_rejoins_and_the_run_grows_back(tiny_data: Path, tmp_path: Path, user_cluster) -> None:  # type: ignore[no-untyped-def]
