@@ -86,12 +86,12 @@ __all__ = [
 # -- layers ----------------------------------------------------------------------------------------
 
 
-
 def _init_normal(weight: torch.Tensor) -> None:
     """N(0, 0.02); a weight on the meta device has no values to draw (and drawing them there goes
     through torch's Python reference of ``normal_``, which imports torch._dynamo: 2 s)."""
     if not weight.is_meta:
         nn.init.normal_(weight, std=0.02)
+
 
 class _Sharded(nn.Module):
     """A layer whose ``weight`` is this rank's part of a logical tensor, described by ``shard_spec``."""

@@ -33,13 +33,13 @@ class TensorBoardLog:
         self._writer: Any = SummaryWriter(
             log_dir=str(self.dir), purge_step=start_step + 1 if start_step else None
         )
-        self._last_step = start_step
+
+    def replay_from(self, step: int) -> None:
+        """A recovery in this process trains ``step`` and later ones again: hide what was logged there."""
+        self._writer.close()
+        self._writer = self._open(log_dir=str(self.dir), purge_step=step)
 
     def step(self, metrics: StepMetrics) -> None:
-        if metrics.step <= self._last_step:  # a replay after an in-process recovery
-            self._writer.close()
-            self._writer = self._open(log_dir=str(self.dir), purge_step=metrics.step)
-        self._last_step = metrics.step
         for name, value in metrics.flat().items():
             self._writer.add_scalar(name, value, global_step=metrics.step)
 

@@ -142,6 +142,8 @@ class Tracker:
         if self._metrics is None or metrics.step <= self._last_step:
             if self._metrics is not None:
                 self._metrics.close()
+                if self.tensorboard is not None:
+                    self.tensorboard.replay_from(metrics.step)
             self.dropped_steps += truncate_metrics(self.run_dir, keep_through=metrics.step - 1)
             self._tokens_seen = self._count_tokens()
             self._metrics = JsonlWriter(self.run_dir / METRICS_FILE)
