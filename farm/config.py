@@ -197,6 +197,15 @@ class CheckpointConfig:
     max_unsaved_s: float = 3600.0
     """Once a save has failed, stop when the newest valid checkpoint (or, without one, the start of
     training in this launch) is older than this many seconds (0: never)."""
+    memory_every: int = 1
+    """Snapshot the state into host memory every N steps (0: off), two copies in two failure domains,
+    so a node loss restores from memory, into any layout, instead of from disk (docs/recovery.md)."""
+    memory_domain: str = "node"
+    """Where the second copy of a rank's snapshot lives: on another ``node``, or in another ``rack``
+    (the copies then also survive the loss of a whole rack)."""
+    memory_fraction: float = 0.5
+    """The share of each node's host memory (the topology's host_memory_gib) snapshots may use; a
+    plan that needs more keeps disk checkpoints only and says why in plan.json."""
 
 
 @dataclass(frozen=True)
@@ -406,6 +415,15 @@ def _validate_run(r: RunConfig) -> None:
     _positive(r.step_timeout_floor_s, "run.step_timeout_floor_s")
 
 
+def _validate_memory(c: CheckpointConfig) -> None:
+    if c.memory_every < 0:
+        raise ConfigError(f"checkpoint.memory_every: must be >= 0 (0 turns memory snapshots off), got {c.memory_every}")
+    if c.memory_domain not in ("node", "rack"):
+        raise ConfigError(f"checkpoint.memory_domain={c.memory_domain!r}: use node or rack")
+    if not 0 < c.memory_fraction <= 1:
+        raise ConfigError(f"checkpoint.memory_fraction: must be in (0, 1], got {c.memory_fraction}")
+
+
 def _validate_arch(m: ModelConfig) -> None:
     from farm.model import ARCH_NAMES
 
@@ -475,6 +493,7 @@ def validate(cfg: FarmConfig) -> None:
         raise ConfigError(f"parallel.sequence_parallel={p.sequence_parallel!r}: use true, false or 'auto'")
     if p.recompute not in ("auto", "none", "full", "selective"):
         raise ConfigError(f"parallel.recompute={p.recompute!r}: use auto, none, full or selective")
+    _validate_memory(cfg.checkpoint)
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.checkpoint.max_failed_saves < 0 or cfg.checkpoint.max_unsaved_s < 0:

@@ -45,6 +45,7 @@ from farm.data.skips import supersede_skips
 from farm.errors import CheckpointCorrupt, ConfigError, DataError, PlanError, RunDirError
 from farm.model import padded_vocab
 from farm.plan import Plan, make_plan
+from farm.plan.replicas import replica_refusal, state_bytes_of
 from farm.runlock import RunDirLock, os_problem
 from farm.topology import Farm, load_farm
 
@@ -96,6 +97,18 @@ def build_plan(cfg: FarmConfig, farm: Farm, *, vocab: int) -> Plan:
             "the model fits without it"
         )
     return plan
+
+
+def memory_plan(cfg: FarmConfig, farm: Farm, plan: Plan, *, state_bytes: int) -> tuple[Plan, FarmConfig]:
+    """Keep memory snapshots on when the plan's nodes have the host memory for them; else turn them
+    off and say why in the plan's notes (plan.json, the start event)."""
+    if cfg.checkpoint.memory_every == 0:
+        return plan, cfg
+    why = replica_refusal(plan, farm, state_bytes=state_bytes, fraction=cfg.checkpoint.memory_fraction)
+    if why is None:
+        return plan, cfg
+    checkpoint = dataclasses.replace(cfg.checkpoint, memory_every=0)
+    return dataclasses.replace(plan, notes=(*plan.notes, why)), dataclasses.replace(cfg, checkpoint=checkpoint)
 
 
 def write_plan(run_dir: Path, plan: Plan) -> None:
@@ -171,6 +184,7 @@ def check_launch(cfg: FarmConfig, *, run_dir: Path, topology_file: str | None = 
     precision = choose_precision(cfg, farm)
     ckpt = checkpoint_identity(cfg, vocab=vocab, tokenizer_hash=manifest.tokenizer_sha256,
                                data_fingerprint=manifest.fingerprint)
+    plan, cfg = memory_plan(cfg, farm, plan, state_bytes=state_bytes_of(ckpt.tensors))
     store = CheckpointStore(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                             keep_every=cfg.checkpoint.keep_every)
     choice = choose_resume(store, identity=ckpt, resume=cfg.checkpoint.resume,
@@ -332,6 +346,7 @@ def _train_falling_back(launch: Launch, tracker: Tracker) -> tuple[Finished, Con
             checkpoint=cfg.checkpoint, run=cfg.run, run_dir=launch.run_dir, vocab_size=launch.vocab,
             decay_steps=launch.identity.decay_steps, precision=launch.precision,
             checkpoint_meta=launch.checkpoint_meta(choice.step), order=launch.order,
+            tensors=dict(launch.checkpoint.tensors),
         )
         controller = Controller(parts, tracker=tracker, policy=failure_policy(cfg.run))
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from farm.checkpoint.manifest import DTYPE_NAMES, PART_INDEX_KEY, SliceEntry, dtype_codes, parse_json
+from farm.checkpoint.manifest import DTYPE_NAMES, PART_INDEX_KEY, SliceEntry, dtype_codes, numel, parse_json
 from farm.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -154,31 +154,98 @@ def read_part_header(path: Path) -> dict[str, PartEntry]:
         length = int.from_bytes(f.read(8), "little")
         if size < 8 or length > min(_MAX_HEADER, size - 8):
             raise CheckpointError(f"{path.name}: not a safetensors file (bad header length)")
-        header = parse_json(f.read(length), what=f"{path.name} header")
+        raw = f.read(length)
+    return {name: entry for name, (entry, _) in _parse_header(raw, size=size, what=path.name).items()}
+
+
+def _parse_header(raw: bytes, *, size: int, what: str) -> dict[str, tuple[PartEntry, int]]:
+    """Each tensor's entry and the offset of its data after the header, from a part's JSON header."""
+    header = parse_json(raw, what=f"{what} header")
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: the safetensors header is not an object")
+        raise CheckpointError(f"{what}: the safetensors header is not an object")
     meta = header.pop("__metadata__", None) or {}
-    index = parse_json(meta.get(PART_INDEX_KEY, "null"), what=f"{path.name} slice index")
+    index = parse_json(meta.get(PART_INDEX_KEY, "null"), what=f"{what} slice index")
     if not isinstance(index, dict) or set(index) != set(header):
-        raise CheckpointError(f"{path.name}: its slice index does not list exactly the tensors it holds")
+        raise CheckpointError(f"{what}: its slice index does not list exactly the tensors it holds")
     entries, end = {}, 0
     try:
         for name, info in header.items():
             if info.get("dtype") not in DTYPE_NAMES:
-                raise CheckpointError(f"{path.name}: tensor {name!r} has an unknown dtype")
+                raise CheckpointError(f"{what}: tensor {name!r} has an unknown dtype")
             where = index[name]
-            entries[name] = PartEntry(
+            entry = PartEntry(
                 info["dtype"],
                 tuple(int(d) for d in info["shape"]),
                 tuple(int(d) for d in where["global_shape"]),
                 tuple(int(o) for o in where["offsets"]),
             )
+            entries[name] = (entry, int(info["data_offsets"][0]))
             end = max(end, int(info["data_offsets"][1]))
     except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path.name}: malformed safetensors header or slice index ({err!r})") from err
-    if 8 + length + end != size:
-        raise CheckpointError(f"{path.name}: {size} bytes on disk, its header describes {8 + length + end}")
+        raise CheckpointError(f"{what}: malformed safetensors header or slice index ({err!r})") from err
+    if 8 + len(raw) + end != size:
+        raise CheckpointError(f"{what}: {size} bytes, its header describes {8 + len(raw) + end}")
     return entries
+
+
+def part_buffer(entries: Mapping[str, SliceEntry]) -> tuple[Any, str]:
+    """One part as the bytes its file would hold, in one host buffer (a uint8 numpy array), and
+    their sha256: an in-memory replica is a part file that was never written."""
+    import numpy as np
+
+    if sys.byteorder != "little":
+        raise CheckpointError("checkpoints are little-endian safetensors; this machine is big-endian")
+    header, views = _header(entries)
+    out = np.empty(len(header) + sum(v.nbytes for _, v in views), dtype=np.uint8)
+    out[: len(header)] = np.frombuffer(header, dtype=np.uint8)
+    at = len(header)
+    for _, view in views:
+        out[at : at + view.nbytes] = np.frombuffer(view, dtype=np.uint8)
+        at += view.nbytes
+    return out, buffer_sha256(out)
+
+
+def buffer_sha256(buffer: Any) -> str:
+    sha = hashlib.sha256()
+    view = memoryview(buffer).cast("B")
+    for start in range(0, view.nbytes, _CHUNK):
+        sha.update(view[start : start + _CHUNK])
+    return sha.hexdigest()
+
+
+def _buffer_header(buffer: Any, *, what: str) -> tuple[memoryview, int, dict[str, tuple[PartEntry, int]]]:
+    view = memoryview(buffer).cast("B")
+    length = int.from_bytes(view[:8], "little") if view.nbytes >= 8 else -1
+    if length < 0 or length > min(_MAX_HEADER, view.nbytes - 8):
+        raise CheckpointError(f"{what}: not a safetensors buffer (bad header length)")
+    base = 8 + length
+    return view, base, _parse_header(bytes(view[8:base]), size=view.nbytes, what=what)
+
+
+def buffer_entries(buffer: Any, *, what: str) -> dict[str, PartEntry]:
+    """The slices a part held in memory describes (its header only; no torch needed)."""
+    return {name: entry for name, (entry, _) in _buffer_header(buffer, what=what)[2].items()}
+
+
+def buffer_tensors(buffer: Any, *, what: str) -> dict[str, torch.Tensor]:
+    """The slices of a part held in memory (:func:`part_buffer`'s layout), as tensors viewing it."""
+    import warnings
+
+    import torch
+
+    from farm.checkpoint.manifest import torch_dtypes
+
+    view, base, header = _buffer_header(buffer, what=what)
+    out = {}
+    with warnings.catch_warnings():  # a replica fetched from the object store is read-only; readers copy
+        warnings.simplefilter("ignore", UserWarning)
+        for name, (entry, offset) in header.items():
+            dtype = torch_dtypes()[entry.dtype]
+            count = numel(entry.shape)
+            flat = (torch.frombuffer(view, dtype=dtype, count=count, offset=base + offset) if count
+                    else torch.empty(0, dtype=dtype))
+            out[name] = flat.reshape(entry.shape)
+    return out
 
 
 def sha256_file(path: Path) -> str:

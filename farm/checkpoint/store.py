@@ -237,7 +237,7 @@ class CheckpointStore:
         try:
             clean_meta = dumps_meta(meta)
             records = self._collect_parts(tmp, parts, timeout_s)
-            manifest = _build_manifest(step, clean_meta, records)
+            manifest = build_manifest(step, clean_meta, records)
             write_file_atomic(tmp / MANIFEST, manifest.to_json().encode())
             for marker in tmp.glob(f"*{_DONE}"):
                 marker.unlink()
@@ -451,7 +451,7 @@ def _writer_of(path: Path) -> Any:
         return None
 
 
-def _build_manifest(
+def build_manifest(
     step: int, meta: dict[str, Any], records: Mapping[str, tuple[FileRecord, dict[str, PartEntry]]]
 ) -> Manifest:
     slices: dict[str, list[StoredSlice]] = {}

@@ -33,6 +33,7 @@ from farm.controller.decisions import (
 )
 from farm.controller.policy import AbortPolicy, FailurePolicy
 from farm.controller.recovery import Attempt, Replanner, first_attempt, next_attempt
+from farm.controller.replicas import MemorySource, Replicas
 from farm.controller.roster import back_in_cluster, named_farm_nodes, ray_nodes, wait_back
 from farm.controller.saves import SaveHistory, ranks_text
 from farm.controller.states import (
@@ -71,6 +72,8 @@ __all__ = ["Controller", "Finished", "RunParts", "preempted_message"]
 class Controller:
     worker_group_cls: Any = WorkerGroup
     """The group factory; controller tests step the machine with a fake group in its place."""
+    replicas_cls: Any = Replicas
+    """The in-memory replica holders' driver side; controller tests use a fake one."""
     cluster_nodes: Any = staticmethod(ray_nodes)
     """``() -> ray.nodes()`` (None without a Ray connection): who is alive, for losses and rejoins."""
 
@@ -109,12 +112,23 @@ class Controller:
         self.saves = SaveHistory(parts.checkpoint, last_valid=None, now=time.monotonic())
         self.saving = False
         """A save is in flight: poll the workers for its outcome after each step."""
+        self.replicas = (self.replicas_cls(farm=parts.farm, domain=parts.checkpoint.memory_domain, tensors=parts.tensors)
+                         if parts.checkpoint.memory_every > 0 else None)
+        """The in-memory replica holders (None with checkpoint.memory_every=0 or no memory to spare)."""
+        self.replicating: str | None = None
+        """The attempt whose workers know their holders: set when they are told, cleared when one is lost."""
+        self.replicating_since_loss = False
+        """A holder was lost: the next complete snapshot is announced again (two copies once more)."""
 
     # -- gates ---------------------------------------------------------------------------------------
 
     def should_checkpoint(self, step: int) -> bool:
         every = self.p.checkpoint.every
         return every > 0 and step % every == 0 and step < self.p.train.steps
+
+    def should_snapshot(self, step: int) -> bool:
+        every = self.p.checkpoint.memory_every
+        return self.replicas is not None and every > 0 and step % every == 0 and step < self.p.train.steps
 
     def should_stop(self, step: int) -> str | None:
         if step >= self.p.train.steps:
@@ -159,6 +173,8 @@ class Controller:
             # Shut the workers down before giving the signals back: a second SIGTERM during the
             # shutdown must not reach Ray's handler, which exits the driver mid-way.
             self._drop_group()
+            if self.replicas is not None:
+                self.replicas.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if isinstance(state, Failed):
@@ -213,12 +229,15 @@ class Controller:
             data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
             resume=state.resume_path, resume_step=state.step, attempt=attempt.nonce,
             collective_timeout_s=p.run.step_timeout_s, skipped=self.skips.batches,
+            memory=state.memory.to_setup() if state.memory is not None else None,
         )
         self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"], attempt=attempt.number,
                            pids=[i["pid"] for i in self.group.infos],
                            nodes=[attempt.plan.ranks[i].node for i in range(len(setups))])
         if state.resume_path:
             self.tracker.event("resume", step=state.step, checkpoint=state.resume_path)
+        self.replicating = None
+        self._replicate()
         self.step = state.step
         self.step_done_at = time.monotonic()
         self.step_timeout.new_attempt()
@@ -235,8 +254,8 @@ class Controller:
         if reason is not None:
             return Finishing(step=state.step, reason=reason)
         started = time.perf_counter()
-        reports = self.group.call("run_steps", 1, timeout=self.step_timeout.seconds,
-                                  what=f"step {state.step + 1}")
+        reports = self.group.call("run_steps", 1, self.should_snapshot(state.step + 1),
+                                  timeout=self.step_timeout.seconds, what=f"step {state.step + 1}")
         elapsed = time.perf_counter() - started
         self.step_timeout.observe(elapsed)
         report = reports[self.attempt.reporter][-1]
@@ -251,6 +270,7 @@ class Controller:
         self.node_faults.clear()  # a good step: earlier faults are no longer "in a row"
         if self.clock is not None and step > self.clock.reached:
             self._recovered(step)
+        self._note_snapshots([o for r in reports for o in r[-1].get("snapshots", ())], step)
         straggler = self._stragglers(reports, step)
         if straggler is not None:
             return straggler
@@ -295,6 +315,49 @@ class Controller:
                 self._save_now(step)
                 return self._on_fault(fault, f"node {slow.node} is a straggler")
         return None
+
+    # -- memory snapshots ----------------------------------------------------------------------------
+
+    def _replicate(self) -> None:
+        """Tell the workers which holders keep their snapshots, starting holders where needed."""
+        if self.replicas is None or self.replicating == self.attempt.nonce:
+            return
+        targets = self.replicas.place(self.attempt.plan, self.group.infos)
+        self.group.call("replicate_to", timeout=60, what="choosing the replica holders", targets=targets)
+        self.replicating = self.attempt.nonce
+
+    def _note_snapshots(self, outcomes: list[dict[str, Any]], step: int) -> None:
+        if self.replicas is None or not outcomes:
+            return
+        first = self.replicating_since_loss or self.replicas.newest is None or self.replicas.newest[0] != self.attempt.nonce
+        lost, complete = self.replicas.note(outcomes, world=self.attempt.plan.world_size)
+        for node in lost:
+            # Its owner is alive (this step trained): the next snapshot goes to a new holder there.
+            self.tracker.event("replica_lost", step=step, node=node,
+                               detail="a replica holder is gone; a new one keeps the next snapshot")
+            self.replicating = None
+        if lost:
+            self._replicate()
+            self.replicating_since_loss = True
+        if complete is not None and first:
+            self.replicating_since_loss = False
+            self.tracker.event("memory_snapshot", step=complete[1], bytes_per_rank=self.replicas.snapshot_bytes,
+                               export_s=round(max(float(o.get("export_s", 0.0)) for o in outcomes), 4),
+                               send_s=round(max(float(o.get("send_s", 0.0)) for o in outcomes), 4),
+                               domain=self.p.checkpoint.memory_domain,
+                               message=f"memory snapshots every {self.p.checkpoint.memory_every} step(s), two copies "
+                                       f"per part in two {self.p.checkpoint.memory_domain}s")
+
+    def _memory_source(self, *, disk_step: int) -> MemorySource | None:
+        """The newest sound snapshot in memory no older than the disk checkpoint and no newer than the
+        last step every rank completed; None (with an event saying why) when there is none."""
+        if self.replicas is None:
+            return None
+        source, why = self.replicas.restore_source(not_before=disk_step, not_after=self.step)
+        if source is None:
+            self.tracker.event("memory_fallback", step=self.step, disk_step=disk_step, reason=why,
+                               message=f"restoring from disk: {why}")
+        return source
 
     def _log_step(self, reports: list[dict[str, Any]], elapsed: float) -> None:
         tokens = self.p.train.global_batch * self.p.model.seq_len
@@ -474,13 +537,17 @@ class Controller:
                            attempt=attempt.number, nodes=sorted({r.node for r in attempt.plan.ranks}),
                            notes=list(attempt.plan.notes[:1]))
         path, from_step = restore if restore is not None else self._restore_point()
+        memory = self._memory_source(disk_step=from_step if path is not None else 0)
+        if memory is not None:
+            path, from_step = None, memory.step
         self.clock = RecoveryClock(
             fault="rejoin" if fault is None else f"{fault.node} {fault.kind}", reached=step,
             detected_at=detected_at, detect_s=max(0.0, detected_at - self.step_done_at) if fault else 0.0,
             replan_s=replan_s, restored_step=from_step, decision=decision.kind, layout=attempt.layout,
             change=_change_text(old, attempt, self.p.train.global_batch),
+            source="memory" if memory is not None else "disk",
         )
-        return Starting(attempt, path, from_step)
+        return Starting(attempt, path, from_step, memory=memory)
 
     def _restore_point(self) -> tuple[str | None, int]:
         """The newest valid checkpoint (its path and step), or a fresh start when there is none yet."""
@@ -498,11 +565,12 @@ class Controller:
         clock.restore_s = max(float(s.get("load_s", 0.0)) for s in setups)
         clock.restart_s = max(0.0, now - clock.detected_at - clock.detect_s - clock.replan_s - clock.restore_s)
         clock.started_at = now
-        source = clock.source if state.resume_path else "none"
-        restored = (f"restored step {state.step} from {source} in {clock.restore_s:.1f} s" if state.resume_path
+        restored_any = state.resume_path is not None or state.memory is not None
+        source = clock.source if restored_any else "none"
+        restored = (f"restored step {state.step} from {source} in {clock.restore_s:.1f} s" if restored_any
                     else "no checkpoint yet: started again from step 0")
         self.tracker.event("restore", step=state.step, source=source, checkpoint=state.resume_path,
-                           restore_s=round(clock.restore_s, 3),
+                           restore_s=round(clock.restore_s, 3), lost_steps=clock.reached - state.step,
                            message=f"{clock.fault} at step {clock.reached}: {clock.decision} {clock.change}, "
                                    f"{restored}, continuing")
 

@@ -7,7 +7,7 @@ Training(step) --one step; checkpoint gate--> Training(step + 1)
 Training(step) --a node is back, at a checkpoint boundary--> Resizing(step, nodes) --> Starting(attempt + 1)
 Training(step) --done | stop_after_step | a signal--> Finishing(step, reason) --> Finished
 Starting | Training --a worker fault--> Recovering(step, fault) --policy decision-->
-    Starting(attempt + 1, newest valid state)  |  Failed (Abort, or no plan fits)
+    Starting(attempt + 1, newest valid state: a memory snapshot, else a disk checkpoint)  |  Failed (Abort, or no plan fits)
 ```
 """
 
@@ -32,6 +32,8 @@ class Starting:
     resume_path: str | None
     step: int
     """The step the restored state stands at (0 without a checkpoint)."""
+    memory: Any = None
+    """A farm.controller.replicas.MemorySource: restore from the replica holders instead of disk."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,8 @@ class RunParts:
     """Static fields of every checkpoint manifest (config hash, tokenizer hash, data fingerprint)."""
     order: GlobalOrder | None = None
     """The global sample order, to name the sample ids of a skipped batch (positions only without it)."""
+    tensors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Every logical tensor of the state and its global shape: a memory snapshot must cover them all."""
 
 
 @dataclass

@@ -354,6 +354,39 @@ class TrainEngine:
             parts[names[0]]["optim/step"] = SliceEntry.full(torch.tensor([self._adam_step()], dtype=torch.int64))
         return parts
 
+    def export_local(self) -> dict[str, dict[str, SliceEntry]]:
+        """The same state as :meth:`export_state`, without any collective: under ZeRO each DP rank
+        gives the pieces of each tensor its own partition holds (flat ranges, cut into boxes), which
+        together cover every tensor once. Part names are this rank's, one per piece of a tensor.
+
+        This is what a memory snapshot takes every step: a copy of this rank's partition, where
+        :meth:`export_state` gathers every tensor whole over the DP group first.
+        """
+        if not self.zero_stage:
+            return self.export_state()
+        self._link_zero_state()
+        ctx = self.ctx
+        parts: dict[str, dict[str, SliceEntry]] = {}
+
+        def add(logical: str, entries: list[SliceEntry]) -> None:
+            for k, entry in enumerate(entries):
+                parts.setdefault(f"rank-{ctx.rank:05d}-p{k}", {})[logical] = entry
+
+        for name, p in self.module.named_parameters():
+            spec = self.specs.get(name)
+            fragment = getattr(p, "_hp_mapping", None)
+            if fragment is None or name == self.tied_copy or ((spec is None or spec.size == 1) and ctx.tp_rank != 0):
+                continue
+            start = fragment.lp_fragment_address.start
+            stop = start + fragment.lp_fragment_address.numel
+            for key in (None, *OPTIM_KEYS):
+                flat = fragment.get_hp_fragment(key).detach().float().cpu().clone()
+                logical = f"model/{name}" if key is None else f"optim/{key}/{name}"
+                add(logical, _flat_slices(flat, start, stop, tuple(p.shape), spec))
+        if ctx.rank == 0:
+            add("optim/step", [SliceEntry.full(torch.tensor([self._adam_step()], dtype=torch.int64))])
+        return parts
+
     def import_state(self, read: Callable[..., torch.Tensor], *, step: int) -> None:
         """Load this rank's shards through ``read(name, index)``, whatever layout wrote them."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -412,6 +445,60 @@ def _slices(value: torch.Tensor, spec: ShardSpec | None) -> list[SliceEntry]:
         offsets = [0] * value.dim()
         offsets[spec.dim] = global_start
         out.append(SliceEntry(tensor=piece, global_shape=global_shape, offsets=tuple(offsets)))
+    return out
+
+
+def flat_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The elements [start, stop) of a row-major tensor of ``shape``, as (offsets, sizes) boxes in
+    order; each box is itself one contiguous range of the flat tensor."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,), (stop - start,))] if shape else [((), ())]
+    inner = math.prod(shape[1:])
+
+    def in_row(row: int, lo: int, hi: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        return [((row, *o), (1, *n)) for o, n in flat_boxes(shape[1:], lo, hi)]
+
+    first, last = start // inner, (stop - 1) // inner
+    if first == last:
+        return in_row(first, start - first * inner, stop - first * inner)
+    out = []
+    if start % inner:
+        out += in_row(first, start % inner, inner)
+        first += 1
+    full = stop // inner
+    if full > first:
+        out.append(((first, *[0] * (len(shape) - 1)), (full - first, *shape[1:])))
+    if stop % inner:
+        out += in_row(full, 0, stop % inner)
+    return out
+
+
+def _flat_slices(flat: torch.Tensor, start: int, stop: int, shape: tuple[int, ...],
+                 spec: ShardSpec | None) -> list[SliceEntry]:
+    """Elements [start, stop) of a local tensor of ``shape`` (held as ``flat``) as slices of its
+    logical tensor: boxes of the local tensor, cut again where TP blocks meet and shifted to their
+    place in the logical tensor."""
+    out = []
+    split = spec is not None and spec.size > 1
+    global_shape = spec.global_shape(shape) if spec is not None and split else shape
+    for offsets, sizes in flat_boxes(shape, start, stop):
+        at = sum(o * math.prod(shape[d + 1:]) for d, o in enumerate(offsets)) - start
+        box = flat[at:at + math.prod(sizes)].reshape(sizes)
+        if not split:
+            out.append(SliceEntry(tensor=box, global_shape=global_shape, offsets=offsets))
+            continue
+        assert spec is not None
+        lo, hi = offsets[spec.dim], offsets[spec.dim] + sizes[spec.dim]
+        for local_start, global_start, length in spec.blocks():
+            a, b = max(lo, local_start), min(hi, local_start + length)
+            if a >= b:
+                continue
+            piece = box.narrow(spec.dim, a - lo, b - a).contiguous()
+            moved = list(offsets)
+            moved[spec.dim] = global_start + (a - local_start)
+            out.append(SliceEntry(tensor=piece, global_shape=global_shape, offsets=tuple(moved)))
     return out
 
 

@@ -213,6 +213,11 @@ class Worker:
         self._committed: list[int] = []
         self._failed: list[dict[str, Any]] = []
         """Saves that failed here: step, rank and the error, for the driver to fold into one report."""
+        self._replicas: list[tuple[str, Any]] = []
+        """The holders (name, actor) that keep this rank's memory snapshots: its node's and its buddy's."""
+        self._snapshot_thread: threading.Thread | None = None
+        self._snapshots: list[dict[str, Any]] = []
+        """Outcomes of the memory snapshots sent since the last step report."""
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -227,10 +232,12 @@ class Worker:
     def setup(self, *, master_addr: str, master_port: int, plan: dict[str, Any], model: ModelConfig,
               train: TrainConfig, data: DataConfig, vocab_size: int, decay_steps: int, precision: str,
               resume: str | None, resume_step: int, attempt: str,
-              collective_timeout_s: float = 1800.0, skipped: tuple[int, ...] = ()) -> dict[str, Any]:
-        """Join the process group, derive the layout's groups, build the engine, load a checkpoint,
-        open the data stream; ``skipped`` names the global batches no step trains (the controller's
-        record, so a checkpoint older than a skip still trains each step on the same samples)."""
+              collective_timeout_s: float = 1800.0, skipped: tuple[int, ...] = (),
+              memory: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Join the process group, derive the layout's groups, build the engine, load a checkpoint
+        (from disk, ``resume``, or from the replica holders' memory, ``memory``), open the data stream;
+        ``skipped`` names the global batches no step trains (the controller's record, so a checkpoint
+        older than a skip still trains each step on the same samples)."""
         from farm.data import (
             ArrowShardSource,
             BatchLayout,
@@ -267,9 +274,14 @@ class Worker:
             decay_steps=decay_steps, device=torch.device(spec.torch_device),
         )
         load_s = 0.0
-        if resume is not None or model.init_from is not None:
+        if memory is not None or resume is not None or model.init_from is not None:
             began = time.perf_counter()
-            self._load(resume, resume_step) if resume is not None else self._init_from(model)
+            if memory is not None:
+                self._load_memory(memory)
+            elif resume is not None:
+                self._load(resume, resume_step)
+            else:
+                self._init_from(model)
             load_s = time.perf_counter() - began
         manifest = load_manifest(data.dir, verify=False)
         batches = BatchLayout(global_batch=train.global_batch, micro_batch=layout.micro_batch,
@@ -294,6 +306,29 @@ class Worker:
         with open_checkpoint(CheckpointInfo(step=step, path=Path(path)), verify=False) as reader:
             self.engine.import_state(reader.read, step=step)
 
+    def _load_memory(self, memory: dict[str, Any]) -> None:
+        """Read this rank's slices of a memory snapshot, each part from the first holder that gives
+        it (the driver checked their sha256 when it chose the snapshot)."""
+        import ray
+
+        from farm.checkpoint.snapshot import SnapshotReader, manifest_from_json
+
+        attempt, step = memory["attempt"], int(memory["step"])
+
+        def fetch(part: str) -> Any:
+            errors = []
+            for holder in memory["holders"][part]:
+                try:
+                    return ray.get(holder.fetch.remote(attempt, step, part), timeout=120)
+                except Exception as err:  # that holder is gone: try the next copy
+                    errors.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            raise CheckpointError(f"no holder could give part {part} of the memory snapshot of step {step} "
+                                  f"({'; '.join(errors)})")
+
+        with SnapshotReader(manifest_from_json(step, memory["manifest"]), fetch) as reader:
+            self.engine.import_state(reader.read, step=step)
+        log.info("setup: restored step %d from memory", step)
+
     def _init_from(self, model: ModelConfig) -> None:
         from farm.checkpoint.hf import HFWeights
 
@@ -302,8 +337,9 @@ class Worker:
             self.engine.import_weights(weights.read)
 
     @_logged
-    def run_steps(self, n: int) -> list[dict[str, Any]]:
-        """Train n optimizer steps; returns one report per step."""
+    def run_steps(self, n: int, snapshot: bool = False) -> list[dict[str, Any]]:
+        """Train n optimizer steps; returns one report per step. With ``snapshot``, the state after
+        the last one goes to the replica holders (in the background, but for the export)."""
         from farm.tracking.memory import peak_memory
 
         reports = []
@@ -312,7 +348,68 @@ class Worker:
             if self.ledger is not None:
                 self.ledger.commit(result.step)
             reports.append({**asdict(result), **peak_memory(self.spec.torch_device)})
+        if snapshot and self._replicas:
+            self._snapshot(self.engine.step)
+        done, self._snapshots = self._snapshots, []
+        reports[-1]["snapshots"] = done
         return reports
+
+    def replicate_to(self, targets: dict[int, list[tuple[str, Any]]]) -> None:
+        """The holders of this rank's memory snapshots (the driver's choice; see farm/controller/replicas.py)."""
+        self._wait_snapshot()
+        self._replicas = list(targets[self.spec.rank])
+
+    def _snapshot(self, step: int) -> None:
+        """Copy this rank's share of the state (its ZeRO partition: no collective), then build each
+        part's bytes and send them to both holders in the background, while the next step trains. At
+        most one snapshot is in flight."""
+        self._wait_snapshot()
+        began = time.perf_counter()
+        parts = {name: entries for name, entries in self.engine.export_local().items() if entries}
+        export_s = time.perf_counter() - began
+        rank, attempt, targets = self.spec.rank, self.attempt, list(self._replicas)
+
+        def send() -> None:
+            import ray
+            from ray.exceptions import RayActorError
+
+            from farm.checkpoint.parts import part_buffer
+
+            out: dict[str, Any] = {"attempt": attempt, "step": step, "rank": rank, "export_s": export_s,
+                                   "lost": [], "error": None, "bytes": 0}
+            sent = time.perf_counter()
+            try:
+                names, buffers, digests = [], [], []
+                for part, entries in parts.items():
+                    buffer, digest = part_buffer(entries)
+                    names.append(part)
+                    buffers.append(buffer)
+                    digests.append(digest)
+                out["bytes"] = sum(b.nbytes for b in buffers)
+                ref = ray.put(buffers)  # one object and one call per holder for all of this rank's parts
+                del buffers
+                acks = [(name, holder.keep.remote(attempt, step, names, ref, digests)) for name, holder in targets]
+                for name, ack in acks:
+                    try:
+                        ray.get(ack)
+                    except RayActorError as err:
+                        log.warning("memory snapshot of step %d: the holder %s is gone (%s)", step, name,
+                                    str(err).splitlines()[0])
+                        if name not in out["lost"]:
+                            out["lost"].append(name)
+            except Exception as err:
+                log.exception("memory snapshot of step %d failed", step)
+                out["error"] = f"{type(err).__name__}: {err}"
+            out["send_s"] = time.perf_counter() - sent
+            self._snapshots.append(out)
+
+        self._snapshot_thread = threading.Thread(target=send, name=f"snapshot-{step}", daemon=True)
+        self._snapshot_thread.start()
+
+    def _wait_snapshot(self) -> None:
+        if self._snapshot_thread is not None:
+            self._snapshot_thread.join()
+            self._snapshot_thread = None
 
     # -- checkpoints --------------------------------------------------------------------------------
 
@@ -377,6 +474,7 @@ class Worker:
 
     def shutdown(self) -> None:
         self.wait_save()
+        self._wait_snapshot()
         if self.stream is not None:
             self.stream.close()
         if dist.is_initialized():

@@ -29,6 +29,9 @@ def _workers(e: dict[str, Any]) -> str:
 
 def _restored(e: dict[str, Any]) -> str:
     seconds = f" in {e['restore_s']} s" if e.get("restore_s") is not None else ""
+    if e.get("source") == "memory":
+        return (f"state restored at step {e.get('step')}{seconds} from the replicas in memory "
+                f"({e.get('lost_steps', 0)} step(s) to redo)")
     source = e.get("checkpoint") or "no checkpoint: from step 0"
     return f"checkpoint restored at step {e.get('step')}{seconds} ({source})"
 

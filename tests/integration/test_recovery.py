@@ -6,7 +6,8 @@ Each run trains local-farm (3 nodes x 2 devices) and is compared with one uninte
 same config: the same samples per step (the ledger) and every step logged once. Its losses are
 compared exactly (1e-6) with what the recovery claims to have done: the uninterrupted run up to the
 restored checkpoint, then that checkpoint resumed on the new layout by a plain re-run. Layout
-changes themselves are held to the measured float-noise floor in test_layouts.py.
+changes themselves are held to the measured float-noise floor in test_layouts.py. Memory snapshots
+are off here, so these runs restore from disk; test_memory_replicas.py covers restores from memory.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def command(run_dir: Path, data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "farm.launch", "+topology=local-farm", f"data.dir={data}", "model.seq_len=64",
             "model.n_layers=2", f"train.global_batch={G}", f"train.steps={STEPS}", "train.warmup_steps=3",
             "parallel.dp=auto", "parallel.tp=1", "parallel.pp=1", "parallel.micro_batch=2",
-            "checkpoint.every=4", "tracking.wandb=false", "data.ledger=true", "run.failure_policy=replan",
+            "checkpoint.every=4", "checkpoint.memory_every=0", "tracking.wandb=false", "data.ledger=true",
+            "run.failure_policy=replan",
             f"run.dir={run_dir}", *extra]
 
 

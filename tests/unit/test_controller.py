@@ -91,6 +91,8 @@ def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster,
                 self.step = kwargs["resume_step"]
                 self.skips = BatchSkips.of(kwargs["skipped"])
                 log.append(("setup", self.attempt, self.step, self.skips.batches))
+                if kwargs.get("memory") is not None:
+                    log.append(("memory", self.attempt, kwargs["memory"]["step"]))
                 self._fail_if_scripted(-1)  # -1: fail while starting up
                 return [{"rank": r, "step": self.step, "params": 1, "load_s": 0.0} for r in ranks]
             if method == "run_steps":
@@ -106,6 +108,9 @@ def fake_group(script: dict[tuple[int, int], tuple[str, str]], cluster: Cluster,
             if method == "save":
                 self.committed.append(kwargs["step"])
                 log.append(("save", self.attempt, kwargs["step"]))
+                return [None for _ in ranks]
+            if method == "replicate_to":
+                log.append(("replicate_to", self.attempt))
                 return [None for _ in ranks]
             if method in ("committed", "wait_save"):
                 done, self.committed = self.committed, []
@@ -126,17 +131,19 @@ def local_farm(spares: int = 0) -> Farm:
 
 def make(tmp_path: Path, *, script: dict[tuple[int, int], tuple[str, str]], spares: int = 0,
          policy: Any = None, slow: dict[str, float] | None = None, nan: set[tuple[int, int]] | None = None,
-         nan_batches: set[int] | None = None, run: RunConfig | None = None) -> tuple[Controller, Cluster, list[Any]]:
+         nan_batches: set[int] | None = None, run: RunConfig | None = None,
+         replicas: Any = None) -> tuple[Controller, Cluster, list[Any]]:
     farm = local_farm(spares)
     plan = make_plan(model=TINY, train=TRAIN, parallel=DP_ONLY, farm=farm)
     parts = RunParts(farm=farm, plan=plan, model=TINY, train=TRAIN, parallel=DP_ONLY, data=DataConfig(),
-                     checkpoint=CheckpointConfig(every=5), run=run or RunConfig(dir=str(tmp_path)), run_dir=tmp_path,
+                     checkpoint=CheckpointConfig(every=5, memory_every=1 if replicas else 0), run=run or RunConfig(dir=str(tmp_path)), run_dir=tmp_path,
                      vocab_size=4096, decay_steps=20, precision="fp32", order=ORDER)
     tracker = Tracker(TrackingConfig(wandb=False, console=False), run_dir=tmp_path, run_name="t", config={},
                       total_steps=TRAIN.steps, start_step=0)
     cluster = Cluster([n.id for n in (*farm.nodes, *farm.spares)])
     log: list[Any] = []
-    controller = Controller(parts, tracker=tracker, policy=policy or ElasticPolicy())
+    cls = type("WithReplicas", (Controller,), {"replicas_cls": replicas}) if replicas else Controller
+    controller = cls(parts, tracker=tracker, policy=policy or ElasticPolicy())
     controller.worker_group_cls = fake_group(script, cluster, log, slow, nan, nan_batches)
     controller.cluster_nodes = cluster
     # The checkpoints the fake group committed are the restore points.
@@ -317,3 +324,60 @@ def test_a_third_non_finite_event_stops_the_run_naming_the_newest_checkpoint(tmp
     assert [f["detail"].split("global positions ")[1] for f in events(tmp_path, "failure")] == [
         "144..167)", "144..167)", "168..191)"]
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 7)), "no non-finite step is logged"
+
+
+def fake_replicas(answers: list[Any], asked: list[tuple[int, int]]) -> type:
+    """The replica holders' driver side, answering ``restore_source`` from ``answers`` in turn: a step
+    (a sound snapshot of it) or the reason there is none."""
+    from farm.controller.replicas import MemorySource
+
+    class FakeReplicas:
+        newest = None
+        snapshot_bytes = 0
+
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def place(self, plan: Any, infos: Any) -> dict[int, list[Any]]:
+            return {r.rank: [] for r in plan.ranks}
+
+        def note(self, outcomes: Any, world: int) -> tuple[list[str], None]:
+            return [], None
+
+        def restore_source(self, *, not_before: int, not_after: int) -> tuple[Any, str]:
+            asked.append((not_before, not_after))
+            answer = answers.pop(0)
+            if isinstance(answer, str):
+                return None, answer
+            return MemorySource("a0", answer, {}, {}), ""
+
+        def close(self) -> None:
+            pass
+
+    return FakeReplicas
+
+
+def test_a_recovery_restores_from_memory_when_a_snapshot_is_newer_than_disk(tmp_path: Path) -> None:
+    asked: list[tuple[int, int]] = []
+    controller, _, log = make(tmp_path, script={(0, 7): ("node-1", "node_lost")},
+                              replicas=fake_replicas([6], asked))
+    assert controller.run(resume_path=None, resume_step=0).step == 20
+    assert asked == [(5, 6)], "no older than the checkpoint of step 5, no newer than the last step done"
+    assert ("memory", 1, 6) in log and ("replicate_to", 1) in log
+    (restore,) = events(tmp_path, "restore")
+    assert restore["source"] == "memory" and restore["step"] == 6 and restore["lost_steps"] == 0
+    (recovery,) = events(tmp_path, "recovery")
+    assert recovery["source"] == "memory" and recovery["lost_steps"] == 0
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 21))
+
+
+def test_a_recovery_falls_back_to_disk_with_an_event_when_memory_has_no_sound_snapshot(tmp_path: Path) -> None:
+    why = "the snapshot of step 6 is corrupt: part rank-00000-p0 (checksum mismatch)"
+    controller, _, log = make(tmp_path, script={(0, 7): ("node-1", "node_lost")},
+                              replicas=fake_replicas([why], []))
+    assert controller.run(resume_path=None, resume_step=0).step == 20
+    (fallback,) = events(tmp_path, "memory_fallback")
+    assert fallback["reason"] == why and fallback["disk_step"] == 5
+    (restore,) = events(tmp_path, "restore")
+    assert restore["source"] == "disk" and restore["step"] == 5 and restore["lost_steps"] == 1
+    assert not [entry for entry in log if entry[0] == "memory"]
