@@ -1,14 +1,19 @@
 """Time from a node loss to training past the step the run had reached, side by side in one run.
 
-On local-farm (3 emulated nodes x 2 devices) the same config is trained twice per round, and node-1's
-raylet is SIGKILLed once step ``--kill-at`` is logged:
+On local-farm (3 emulated nodes x 2 devices) the same model, data, global batch and seed are trained
+by each path per round, and node-1's raylet is SIGKILLed once step ``--kill-at`` is logged:
 
-- farm: ``run.failure_policy=replan`` re-plans on the survivors in the same process;
-- abort + re-run: ``run.failure_policy=abort`` stops the run; the same command is then run again (as
-  a supervisor or a person would), resuming from the newest checkpoint on a fresh private cluster.
+- farm-memory: ``run.failure_policy=replan`` re-plans on the survivors in the same process and
+  restores from the in-memory replicas (``checkpoint.memory_every=1``);
+- farm-disk: the same, memory snapshots off, restoring the disk checkpoint (every ``--every`` steps);
+- abort+rerun: ``run.failure_policy=abort`` stops the run; the same command is then run again (as
+  a supervisor or a person would), resuming from the newest checkpoint on a fresh private cluster;
+- ray-train: Ray Train's ``TorchTrainer`` with ``FailureConfig(max_failures=1)`` and its own
+  checkpoint every ``--every`` steps, a DDP loop of the same model and data
+  (benchmarks/raytrain_baseline.py).
 
 Prints a table, the recovery events' parts for farm, and one JSON line with the median times and
-their ratio. Rounds alternate the order of the two paths.
+the ratios. Rounds rotate the order of the paths.
 
     python benchmarks/bench_recovery.py [--rounds 2] [--kill-at 12] [--every 5]
 """
@@ -28,17 +33,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from farm.config import DataConfig  # noqa: E402
 from farm.data import prepare  # noqa: E402
 from farm.tracking import read_events, read_metrics  # noqa: E402
 
 
-def command(run_dir: Path, data: Path, policy: str, steps: int, every: int) -> list[str]:
+def command(run_dir: Path, data: Path, policy: str, steps: int, every: int, memory: int = 0) -> list[str]:
     return [sys.executable, "-m", "farm.launch", "+topology=local-farm", f"data.dir={data}", "model.seq_len=64",
             "model.n_layers=2", "train.global_batch=24", f"train.steps={steps}", "parallel.dp=auto",
             "parallel.tp=1", "parallel.pp=1", f"checkpoint.every={every}", "tracking.wandb=false",
-            "tracking.console=false", f"run.failure_policy={policy}", f"run.dir={run_dir}"]
+            "tracking.console=false", f"run.failure_policy={policy}", f"checkpoint.memory_every={memory}",
+            f"run.dir={run_dir}"]
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -70,15 +77,20 @@ def last_step(run_dir: Path) -> int:
 
 
 def one(path: str, root: Path, data: Path, *, kill_at: int, every: int, steps: int) -> dict[str, float]:
+    if path == "ray-train":
+        from raytrain_baseline import ray_train_round
+
+        return ray_train_round(root, data, kill_at=kill_at, every=every, steps=steps)
     run_dir = root / f"{path}-{time.monotonic_ns()}"
-    policy = "replan" if path == "farm" else "abort"
+    policy = "abort" if path == "abort+rerun" else "replan"
+    memory = 1 if path == "farm-memory" else 0
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    proc = subprocess.Popen(command(run_dir, data, policy, steps, every), **quiet)
+    proc = subprocess.Popen(command(run_dir, data, policy, steps, every, memory), **quiet)
     try:
         wait_until(lambda: steps_logged(run_dir) >= kill_at, proc)
         reached = last_step(run_dir)
         killed = kill_node(run_dir, "node-1")
-        if path == "farm":
+        if path.startswith("farm"):
             back = wait_until(lambda: last_step(run_dir) > reached and any(
                 e["event"] == "recovery" for e in read_events(run_dir)), proc)
             proc.wait(timeout=600)
@@ -88,7 +100,7 @@ def one(path: str, root: Path, data: Path, *, kill_at: int, every: int, steps: i
         proc.wait(timeout=600)
         stopped = time.monotonic()
         reached = last_step(run_dir)  # a step may have ended between the kill and the stop
-        rerun = subprocess.Popen(command(run_dir, data, policy, steps, every), **quiet)
+        rerun = subprocess.Popen(command(run_dir, data, policy, steps, every, memory), **quiet)
         try:
             back = wait_until(lambda: last_step(run_dir) > reached, rerun)
         finally:
@@ -112,20 +124,25 @@ def main() -> None:
     data = root / "data"
     prepare(DataConfig(dir=str(data), source="demo", vocab_size=1024, seq_len=64, rows_per_shard=2048,
                        max_bytes=3_000_000), progress=False)
-    results: dict[str, list[dict[str, float]]] = {"farm": [], "abort+rerun": []}
+    paths = ["farm-memory", "farm-disk", "abort+rerun", "ray-train"]
+    results: dict[str, list[dict[str, float]]] = {p: [] for p in paths}
     for r in range(args.rounds):
-        order = ["farm", "abort+rerun"] if r % 2 == 0 else ["abort+rerun", "farm"]
-        for path in order:
+        for path in paths[r % len(paths):] + paths[:r % len(paths)]:
             results[path].append(one(path, root, data, kill_at=args.kill_at, every=args.every, steps=steps))
             print(f"round {r + 1} {path:12s} " + " ".join(f"{k}={v:.2f}" for k, v in results[path][-1].items()),
                   flush=True)
     med = {p: statistics.median(x["total_s"] for x in rows) for p, rows in results.items()}
-    parts = {k: statistics.median(x[k] for x in results["farm"])
-             for k in ("detect_s", "replan_s", "restart_s", "restore_s", "redo_s")}
-    print(f"\n{'path':14s} {'median s':>9s}\n{'farm':14s} {med['farm']:9.2f}\n{'abort+rerun':14s} {med['abort+rerun']:9.2f}")
-    print(json.dumps({"mttr_s": med, "farm_parts_s": parts,
-                      "lost_steps": {p: statistics.median(x["lost_steps"] for x in rows) for p, rows in results.items()},
-                      "ratio_farm_vs_abort_rerun": med["farm"] / med["abort+rerun"]}))
+    lost = {p: statistics.median(x["lost_steps"] for x in rows) for p, rows in results.items()}
+    parts = {p: {k: statistics.median(x[k] for x in results[p])
+                 for k in ("detect_s", "replan_s", "restart_s", "restore_s", "redo_s")}
+             for p in ("farm-memory", "farm-disk")}
+    print(f"\n{'path':14s} {'median s':>9s} {'lost steps':>11s}")
+    for p in paths:
+        print(f"{p:14s} {med[p]:9.2f} {lost[p]:11.1f}")
+    print(json.dumps({"mttr_s": med, "lost_steps": lost, "farm_parts_s": parts,
+                      "ratio_memory_vs_ray_train": med["farm-memory"] / med["ray-train"],
+                      "ratio_memory_vs_disk": med["farm-memory"] / med["farm-disk"],
+                      "ratio_disk_vs_abort_rerun": med["farm-disk"] / med["abort+rerun"]}))
 
 
 if __name__ == "__main__":
