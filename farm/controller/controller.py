@@ -223,14 +223,19 @@ class Controller:
                                            startup_timeout_s=p.run.startup_timeout_s)
         port = self.group.call("pick_port", timeout=60, what="starting workers", ranks=[0], startup=True)[0]
         master = self.group.infos[0]["ip"]
-        setups = self.group.call(
-            "setup", timeout=p.run.startup_timeout_s, what="setting up workers", startup=True,
-            master_addr=master, master_port=port, plan=attempt.plan.to_json(), model=p.model, train=p.train,
-            data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
-            resume=state.resume_path, resume_step=state.step, attempt=attempt.nonce,
-            collective_timeout_s=p.run.step_timeout_s, skipped=self.skips.batches,
-            memory=state.memory.to_setup() if state.memory is not None else None,
-        )
+        try:
+            setups = self.group.call(
+                "setup", timeout=p.run.startup_timeout_s, what="setting up workers", startup=True,
+                master_addr=master, master_port=port, plan=attempt.plan.to_json(), model=p.model, train=p.train,
+                data=p.data, vocab_size=p.vocab_size, decay_steps=p.decay_steps, precision=p.precision,
+                resume=state.resume_path, resume_step=state.step, attempt=attempt.nonce,
+                collective_timeout_s=p.run.step_timeout_s, skipped=self.skips.batches,
+                memory=state.memory.to_setup() if state.memory is not None else None,
+            )
+        except CheckpointError as err:
+            if state.memory is None:
+                raise
+            return self._memory_failed(state, err)
         self.tracker.event("workers", ranks=len(setups), params=setups[0]["params"], attempt=attempt.number,
                            pids=[i["pid"] for i in self.group.infos],
                            nodes=[attempt.plan.ranks[i].node for i in range(len(setups))])
@@ -358,6 +363,18 @@ class Controller:
             self.tracker.event("memory_fallback", step=self.step, disk_step=disk_step, reason=why,
                                message=f"restoring from disk: {why}")
         return source
+
+    def _memory_failed(self, state: Starting, err: CheckpointError) -> State:
+        """A memory restore the workers could not read (a holder lost since it was chosen): the same
+        attempt starts again from the newest valid disk checkpoint."""
+        self._drop_group()
+        path, step = self._restore_point()
+        self.tracker.event("memory_fallback", step=self.step, disk_step=step if path else 0, reason=str(err),
+                           message=f"restoring from disk: the memory snapshot of step {state.step} could not be "
+                                   f"read ({err})")
+        if self.clock is not None:
+            self.clock.source, self.clock.restored_step = "disk", step
+        return Starting(state.attempt, path, step)
 
     def _log_step(self, reports: list[dict[str, Any]], elapsed: float) -> None:
         tokens = self.p.train.global_batch * self.p.model.seq_len

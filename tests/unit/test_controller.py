@@ -381,3 +381,27 @@ def test_a_recovery_falls_back_to_disk_with_an_event_when_memory_has_no_sound_sn
     (restore,) = events(tmp_path, "restore")
     assert restore["source"] == "disk" and restore["step"] == 5 and restore["lost_steps"] == 1
     assert not [entry for entry in log if entry[0] == "memory"]
+
+
+def test_a_memory_restore_the_workers_cannot_read_starts_again_from_disk(tmp_path: Path) -> None:
+    from farm.errors import CheckpointError
+
+    controller, _, _ = make(tmp_path, script={(0, 7): ("node-1", "node_lost")},
+                              replicas=fake_replicas([6], []))
+    original = controller.worker_group_cls
+
+    class HolderGone(original):  # type: ignore[misc, valid-type]
+        def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+            if method == "setup" and kwargs.get("memory") is not None:
+                raise CheckpointError("no holder could give part rank-00000-p0 of the memory snapshot of step 6")
+            return super().call(method, *args, **kwargs)
+
+    controller.worker_group_cls = HolderGone
+    assert controller.run(resume_path=None, resume_step=0).step == 20
+    (fallback,) = events(tmp_path, "memory_fallback")
+    assert "no holder could give part" in fallback["reason"] and fallback["disk_step"] == 5
+    (restore,) = events(tmp_path, "restore")
+    assert restore["source"] == "disk" and restore["step"] == 5
+    (recovery,) = events(tmp_path, "recovery")
+    assert recovery["source"] == "disk" and recovery["lost_steps"] == 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 21))
