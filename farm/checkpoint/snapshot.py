@@ -60,22 +60,6 @@ def snapshot_manifest(step: int, parts: Sequence[PartCopy], *, expected: Sequenc
     return manifest
 
 
-def manifest_from_json(step: int, raw: Mapping[str, Any]) -> Manifest:
-    """A snapshot manifest as :func:`manifest_to_json` sends it to the workers."""
-    files = {f: FileRecord(int(size), sha) for f, (size, sha) in raw["files"].items()}
-    tensors = {
-        name: TensorRecord(t["dtype"], tuple(t["global_shape"]),
-                           tuple(StoredSlice(s["file"], tuple(s["offsets"]), tuple(s["shape"])) for s in t["slices"]))
-        for name, t in raw["tensors"].items()
-    }
-    return Manifest(step=step, meta={}, files=files, tensors=tensors)
-
-
-def manifest_to_json(manifest: Manifest) -> dict[str, Any]:
-    return {"files": {f: [r.size, r.sha256] for f, r in manifest.files.items()},
-            "tensors": {n: t.to_json() for n, t in manifest.tensors.items()}}
-
-
 class SnapshotReader(CheckpointReader):
     """Reads a memory snapshot: each part is fetched once, through ``fetch(part)``, when a read first
     needs it, and checked against the manifest's size."""

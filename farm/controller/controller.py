@@ -115,8 +115,6 @@ class Controller:
         self.replicas = (self.replicas_cls(farm=parts.farm, domain=parts.checkpoint.memory_domain, tensors=parts.tensors)
                          if parts.checkpoint.memory_every > 0 else None)
         """The in-memory replica holders (None with checkpoint.memory_every=0 or no memory to spare)."""
-        self.replicating: str | None = None
-        """The attempt whose workers know their holders: set when they are told, cleared when one is lost."""
         self.replicating_since_loss = False
         """A holder was lost: the next complete snapshot is announced again (two copies once more)."""
 
@@ -128,7 +126,7 @@ class Controller:
 
     def should_snapshot(self, step: int) -> bool:
         every = self.p.checkpoint.memory_every
-        return self.replicas is not None and every > 0 and step % every == 0 and step < self.p.train.steps
+        return self.replicas is not None and step % every == 0 and step < self.p.train.steps
 
     def should_stop(self, step: int) -> str | None:
         if step >= self.p.train.steps:
@@ -241,7 +239,6 @@ class Controller:
                            nodes=[attempt.plan.ranks[i].node for i in range(len(setups))])
         if state.resume_path:
             self.tracker.event("resume", step=state.step, checkpoint=state.resume_path)
-        self.replicating = None
         self._replicate()
         self.step = state.step
         self.step_done_at = time.monotonic()
@@ -325,11 +322,10 @@ class Controller:
 
     def _replicate(self) -> None:
         """Tell the workers which holders keep their snapshots, starting holders where needed."""
-        if self.replicas is None or self.replicating == self.attempt.nonce:
+        if self.replicas is None:
             return
         targets = self.replicas.place(self.attempt.plan, self.group.infos)
         self.group.call("replicate_to", timeout=60, what="choosing the replica holders", targets=targets)
-        self.replicating = self.attempt.nonce
 
     def _note_snapshots(self, outcomes: list[dict[str, Any]], step: int) -> None:
         if self.replicas is None or not outcomes:
@@ -340,7 +336,6 @@ class Controller:
             # Its owner is alive (this step trained): the next snapshot goes to a new holder there.
             self.tracker.event("replica_lost", step=step, node=node,
                                detail="a replica holder is gone; a new one keeps the next snapshot")
-            self.replicating = None
         if lost:
             self._replicate()
             self.replicating_since_loss = True

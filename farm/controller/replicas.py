@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.checkpoint.parts import buffer_entries, buffer_sha256
-from farm.checkpoint.snapshot import PartCopy, manifest_to_json, snapshot_manifest
+from farm.checkpoint.snapshot import PartCopy, snapshot_manifest
 from farm.errors import CheckpointError
 from farm.topology import Farm
 
@@ -43,9 +43,6 @@ class ReplicaHolder:
     def __init__(self, node: str) -> None:
         self.node = node
         self.copies: dict[Key, dict[str, tuple[Any, PartCopy]]] = {}
-
-    def pid(self) -> int:
-        return os.getpid()
 
     def keep(self, attempt: str, step: int, parts: list[str], buffers: list[Any], sha256: list[str]) -> int:
         """Keep a copy of each of ``buffers`` (read-only views of the object store) as the parts
@@ -112,7 +109,8 @@ class MemorySource:
 
     attempt: str
     step: int
-    manifest: dict[str, Any]
+    manifest: str
+    """The snapshot's manifest as manifest.json text (``Manifest.to_json``; ``parse_manifest`` reads it)."""
     holders: dict[str, list[Any]]
 
     def to_setup(self) -> dict[str, Any]:
@@ -222,7 +220,7 @@ class Replicas:
                 problems = {verdicts[n][bad[0]] for n, _ in parts[bad[0]]}
                 why = f"the snapshot of step {key[1]} is corrupt: part {bad[0]} ({', '.join(sorted(map(str, problems)))})"
                 continue
-            return MemorySource(key[0], key[1], manifest_to_json(manifest), sound), ""
+            return MemorySource(key[0], key[1], manifest.to_json(), sound), ""
         return None, why
 
     def close(self) -> None:

@@ -311,7 +311,8 @@ class Worker:
         it (the driver checked their sha256 when it chose the snapshot)."""
         import ray
 
-        from farm.checkpoint.snapshot import SnapshotReader, manifest_from_json
+        from farm.checkpoint.manifest import parse_manifest
+        from farm.checkpoint.snapshot import SnapshotReader
 
         attempt, step = memory["attempt"], int(memory["step"])
 
@@ -325,7 +326,7 @@ class Worker:
             raise CheckpointError(f"no holder could give part {part} of the memory snapshot of step {step} "
                                   f"({'; '.join(errors)})")
 
-        with SnapshotReader(manifest_from_json(step, memory["manifest"]), fetch) as reader:
+        with SnapshotReader(parse_manifest(memory["manifest"]), fetch) as reader:
             self.engine.import_state(reader.read, step=step)
         log.info("setup: restored step %d from memory", step)
 
@@ -373,6 +374,7 @@ class Worker:
             import ray
             from ray.exceptions import RayActorError
 
+            from farm.checkpoint.manifest import PART_SUFFIX
             from farm.checkpoint.parts import part_buffer
 
             out: dict[str, Any] = {"attempt": attempt, "step": step, "rank": rank, "export_s": export_s,
@@ -382,7 +384,7 @@ class Worker:
                 names, buffers, digests = [], [], []
                 for part, entries in parts.items():
                     buffer, digest = part_buffer(entries)
-                    names.append(part)
+                    names.append(part + PART_SUFFIX)  # the name its file would have
                     buffers.append(buffer)
                     digests.append(digest)
                 out["bytes"] = sum(b.nbytes for b in buffers)

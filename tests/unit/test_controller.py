@@ -349,7 +349,7 @@ def fake_replicas(answers: list[Any], asked: list[tuple[int, int]]) -> type:
             answer = answers.pop(0)
             if isinstance(answer, str):
                 return None, answer
-            return MemorySource("a0", answer, {}, {}), ""
+            return MemorySource("a0", answer, "", {}), ""
 
         def close(self) -> None:
             pass
